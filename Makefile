@@ -1,0 +1,93 @@
+# The stack's verbs. Each target is a thin wrapper over docker compose or a script in the
+# repo; `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+COMPOSE ?= docker compose
+ENV_FILE := .env
+# Read only what make itself needs from .env; compose reads the rest directly.
+env_value = $(shell [ -f $(ENV_FILE) ] && grep -E '^$(1)=' $(ENV_FILE) | tail -n1 | cut -d= -f2-)
+COMPOSE_FILES = $(or $(call env_value,COMPOSE_FILE),compose.yaml)
+GPU ?= 0
+ifeq ($(GPU),1)
+  TRAIN_COMPOSE_FILES = $(COMPOSE_FILES):compose.gpu.yaml
+else
+  TRAIN_COMPOSE_FILES = $(COMPOSE_FILES)
+endif
+PYTHON ?= python3
+VENV := .venv
+VENV_STAMP := $(VENV)/.installed
+ARGS ?=
+
+.PHONY: help env up down build offline-images train predict logs ps models promote rollback \
+        test test-unit test-integration bench bench-trainer clean doctor lock
+
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}'
+
+env: ## Write .env with fresh random secrets (or add what a newer .env.example introduced)
+	@scripts/env.sh $(ENV_FILE)
+
+offline-images: ## Build local stand-ins for every image compose would pull (no registry needed)
+	@docker/offline/build-images.sh
+
+build: env ## Build the stack's images (each once; later builds reuse the cache)
+	@if [[ "$(COMPOSE_FILES)" == *compose.offline.yaml* ]]; then docker/offline/build-images.sh; fi
+	@$(COMPOSE) --profile train build
+
+up: build ## Build, start detached, wait until healthy, print the URLs
+	@$(COMPOSE) up -d --wait --wait-timeout 300 || { $(COMPOSE) ps -a; $(COMPOSE) logs --tail 40; exit 1; }
+	@scripts/print-urls.sh
+
+down: ## Stop the stack; every run, model and artifact is kept
+	@$(COMPOSE) --profile train down
+
+train: env ## Train, log, register and maybe promote (ARGS="--epochs 5", GPU=1 for the GPU)
+	@COMPOSE_FILE=$(TRAIN_COMPOSE_FILES) $(COMPOSE) run --rm trainer $(ARGS)
+
+predict: ## Send real test images to the serving endpoint and print the predicted classes
+	@$(COMPOSE) run --rm --no-deps -T --entrypoint python trainer -m trainer.sample --count 5 \
+	  | scripts/predict.py --url "http://127.0.0.1:$(or $(call env_value,SERVING_PORT),5001)/invocations"
+
+models: ## Table of registered versions: run, eval accuracy, created, alias holder
+	@$(COMPOSE) run --rm --no-deps -T --entrypoint python trainer -m trainer.models list
+
+promote: ## Point the alias at a version: make promote VERSION=3
+	@test -n "$(VERSION)" || { echo "usage: make promote VERSION=<n>"; exit 2; }
+	@$(COMPOSE) run --rm --no-deps -T --entrypoint python trainer -m trainer.models promote $(VERSION)
+
+rollback: ## Move the alias back to the version that held it before
+	@$(COMPOSE) run --rm --no-deps -T --entrypoint python trainer -m trainer.models rollback
+
+logs: ## Follow the logs of every service (SERVICE=mlflow for one)
+	@$(COMPOSE) logs -f --tail 100 $(SERVICE)
+
+ps: ## Show the services and their health
+	@$(COMPOSE) ps -a
+
+$(VENV_STAMP): docker/requirements/constraints.txt docker/requirements/*.txt
+	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	@$(VENV)/bin/pip install -q --disable-pip-version-check -r docker/requirements/test.txt -c docker/requirements/constraints.txt
+	@touch $@
+
+test: test-unit test-integration ## Run every test (unit, then the whole stack in Docker)
+
+test-unit: $(VENV_STAMP) ## Unit tests: no Docker, seconds
+	@$(VENV)/bin/python -m pytest -q tests/unit
+
+test-integration: $(VENV_STAMP) ## Integration tests: build the images, bring up a private stack, exercise it
+	@$(VENV)/bin/python -m pytest -q tests/integration
+
+bench-trainer: $(VENV_STAMP) ## Benchmark the trainer against the MLflow quickstart loop
+	@$(VENV)/bin/python bench/trainer_bench.py $(ARGS)
+
+bench: bench-trainer ## Run every benchmark; results land in bench/results/
+
+doctor: ## Check Docker, Compose v2, free disk, ports, and the NVIDIA runtime with GPU=1
+	@GPU=$(GPU) scripts/doctor.sh
+
+lock: $(VENV_STAMP) ## Re-pin every Python package (after editing docker/requirements/*.txt)
+	@scripts/lock.sh
+
+clean: ## Stop the stack and DELETE all its data (asks first; CONFIRM=yes skips the question)
+	@scripts/clean.sh

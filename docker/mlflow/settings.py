@@ -1,0 +1,51 @@
+"""Settings shared by the tracking server's start script and its one-shot helpers.
+
+Everything comes from the environment that compose.yaml fills from .env. A missing secret is
+a configuration error reported by name; there is never a fallback value.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from urllib.parse import quote
+
+
+class ConfigError(SystemExit):
+    def __init__(self, message: str):
+        super().__init__(f"configuration error: {message}")
+
+
+def required(name: str) -> str:
+    value = os.environ.get(name, "")
+    if not value:
+        raise ConfigError(f"{name} is not set (run 'make env' to generate .env)")
+    return value
+
+
+def optional(name: str, default: str) -> str:
+    return os.environ.get(name) or default
+
+
+def postgres_uri(database: str) -> str:
+    user = quote(required("POSTGRES_USER"), safe="")
+    password = quote(required("POSTGRES_PASSWORD"), safe="")
+    host = optional("POSTGRES_HOST", "postgres")
+    port = optional("POSTGRES_PORT", "5432")
+    return f"postgresql://{user}:{password}@{host}:{port}/{database}"
+
+
+def tracking_db() -> str:
+    return required("POSTGRES_DB")
+
+
+def auth_db() -> str:
+    return optional("MLFLOW_AUTH_DB", "mlflow_auth")
+
+
+def bucket() -> str:
+    return required("S3_BUCKET")
+
+
+def log(message: str) -> None:
+    print(f"[mlflow-setup] {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,104 @@
+"""Start the tracking server: databases first, then MLflow's own server with basic auth.
+
+Order matters: the tracking schema is upgraded before any request is served, so a newer
+image keeps the data an older one wrote; the auth database must exist before the auth app
+runs its own migrations at start.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+
+import psycopg2
+from psycopg2 import sql
+
+import settings
+
+
+def wait_for_postgres(deadline_s: float = 120) -> None:
+    deadline = time.monotonic() + deadline_s
+    delay = 0.5
+    while True:
+        try:
+            psycopg2.connect(settings.postgres_uri(settings.tracking_db()), connect_timeout=5).close()
+            return
+        except psycopg2.OperationalError as error:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"Postgres did not accept connections within {deadline_s:.0f} s: {error}")
+            time.sleep(delay)
+            delay = min(delay * 2, 5)
+
+
+def ensure_database(name: str) -> None:
+    """Create a database when missing; also covers data volumes made by older versions."""
+    conn = psycopg2.connect(settings.postgres_uri(settings.tracking_db()))
+    conn.autocommit = True
+    with conn, conn.cursor() as cur:
+        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+        if cur.fetchone() is None:
+            settings.log(f"creating database {name}")
+            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    conn.close()
+
+
+def write_auth_config() -> str:
+    """The auth app reads its database URI from an ini file; it holds a password, so it
+    lives in the container's tmpfs with mode 600 and never in the image."""
+    fd, path = tempfile.mkstemp(prefix="mlflow-auth-", suffix=".ini")
+    with os.fdopen(fd, "w") as ini:
+        ini.write(
+            "[mlflow]\n"
+            f"default_permission = {settings.optional('MLFLOW_DEFAULT_PERMISSION', 'READ')}\n"
+            f"database_uri = {settings.postgres_uri(settings.auth_db())}\n"
+        )
+    return path
+
+
+def allowed_hosts(port: str) -> str:
+    # Service-name access from the other containers, loopback from the host, plus every
+    # public name the team uses. Private address ranges are deliberately not allowed by
+    # default: DNS rebinding protection should not depend on the network layout.
+    hosts = ["mlflow", f"mlflow:{port}", "localhost", "localhost:*", "127.0.0.1", "127.0.0.1:*", "[[]::1]:*"]
+    for host in filter(None, (h.strip() for h in settings.optional("MLFLOW_PUBLIC_HOSTS", "").split(","))):
+        hosts += [host, f"{host}:*"]
+    return ",".join(hosts)
+
+
+def main() -> None:
+    settings.required("MLFLOW_FLASK_SERVER_SECRET_KEY")
+    os.environ["MLFLOW_AUTH_ADMIN_USERNAME"] = settings.required("MLFLOW_ADMIN_USERNAME")
+    os.environ["MLFLOW_AUTH_ADMIN_PASSWORD"] = settings.required("MLFLOW_ADMIN_PASSWORD")
+    settings.required("AWS_ACCESS_KEY_ID")
+    settings.required("AWS_SECRET_ACCESS_KEY")
+    port = settings.optional("MLFLOW_CONTAINER_PORT", "5000")
+
+    wait_for_postgres()
+    ensure_database(settings.auth_db())
+    settings.log("upgrading the tracking schema (no-op when current)")
+    tracking_uri = settings.postgres_uri(settings.tracking_db())
+    subprocess.run(["mlflow", "db", "upgrade", tracking_uri], check=True)
+    os.environ["MLFLOW_AUTH_CONFIG_PATH"] = write_auth_config()
+
+    origins = settings.optional("MLFLOW_CORS_ORIGINS", "")
+    args = [
+        "mlflow", "server",
+        "--app-name", "basic-auth",
+        "--backend-store-uri", tracking_uri,
+        "--serve-artifacts",
+        "--artifacts-destination", f"s3://{settings.bucket()}/artifacts",
+        "--host", "0.0.0.0",
+        "--port", port,
+        "--workers", settings.optional("MLFLOW_WORKERS", "2"),
+        "--allowed-hosts", allowed_hosts(port),
+    ]
+    if origins:
+        args += ["--cors-allowed-origins", origins]
+    settings.log(f"starting the tracking server on port {port}")
+    os.execvp(args[0], args)
+
+
+if __name__ == "__main__":
+    main()
