@@ -1,0 +1,56 @@
+"""`make env`: fresh random secrets, mode 600, and never a changed value on re-runs."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+SECRETS = ["POSTGRES_PASSWORD", "S3_ACCESS_KEY", "S3_SECRET_KEY", "MLFLOW_ADMIN_PASSWORD",
+           "MLFLOW_FLASK_SERVER_SECRET_KEY", "TRAINER_PASSWORD", "SERVING_PASSWORD"]
+
+
+def make_env(path: Path) -> str:
+    env = dict(os.environ, OFFLINE="1")
+    return subprocess.run([str(ROOT / "scripts/env.sh"), str(path)], check=True, env=env,
+                          capture_output=True, text=True).stdout
+
+
+def read(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines()
+                if "=" in line and not line.startswith("#"))
+
+
+def test_example_has_no_secret_values():
+    example = read(ROOT / ".env.example")
+    assert all(example[name] == "" for name in SECRETS)
+
+
+def test_first_run_writes_strong_distinct_secrets_with_mode_600(tmp_path):
+    first, second = tmp_path / "a.env", tmp_path / "b.env"
+    assert "fresh random secrets" in make_env(first)
+    make_env(second)
+    a, b = read(first), read(second)
+    assert stat.S_IMODE(first.stat().st_mode) == 0o600
+    for name in SECRETS:
+        assert len(a[name]) >= 32, name
+        assert a[name] != b[name], f"{name} is not random"
+    assert len({a[name] for name in SECRETS}) == len(SECRETS)
+
+
+def test_rerun_keeps_values_and_fills_only_what_is_missing(tmp_path):
+    path = tmp_path / ".env"
+    make_env(path)
+    original = read(path)
+    lines = [line for line in path.read_text().splitlines() if not line.startswith("SERVING_PASSWORD=")]
+    lines = [("TRAINER_PASSWORD=" if line.startswith("TRAINER_PASSWORD=") else line) for line in lines]
+    path.write_text("\n".join(lines) + "\n")
+    output = make_env(path)
+    updated = read(path)
+    assert "SERVING_PASSWORD" in output and "TRAINER_PASSWORD" in output
+    assert updated["SERVING_PASSWORD"] and updated["TRAINER_PASSWORD"]
+    assert updated["TRAINER_PASSWORD"] != original["TRAINER_PASSWORD"]
+    unchanged = {k: v for k, v in original.items() if k not in ("SERVING_PASSWORD", "TRAINER_PASSWORD")}
+    assert {k: updated[k] for k in unchanged} == unchanged
