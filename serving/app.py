@@ -1,0 +1,303 @@
+"""The ASGI app each gunicorn worker runs: routes, body limits, version headers, and the
+hand-off to the model the alias watcher currently serves.
+
+    /invocations  POST  scored with the current model (503 while waiting)
+    /status       GET   which version this worker serves, and why not another
+    /ping /health GET   200 while the worker runs, waiting or serving (the healthcheck)
+    /version      GET   MLflow's version
+    anything else       MLflow's scoring app for the current model (its 404/405)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+
+from serving import config, scoring
+from serving.scoring import Reply, error_reply
+from serving.watcher import AliasWatcher
+
+log = logging.getLogger("serving")
+
+# After refusing an oversized body, read and discard up to this much of it (for at most
+# DRAIN_SECONDS) so that the client gets to read the 413 instead of a reset connection.
+DRAIN_BYTES = 64 * 1024 * 1024
+DRAIN_SECONDS = 10.0
+
+_JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class _ClientGone(Exception):
+    pass
+
+
+def _configure_logging() -> None:
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s [%(process)d] [%(levelname)s] serving: %(message)s")
+        )
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
+def _header(scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
+def _media_type(value: bytes) -> tuple[str, dict[str, str]]:
+    mime, *rest = value.decode("latin-1").split(";")
+    params = {}
+    for part in rest:
+        key, _, val = part.partition("=")
+        params[key.strip().lower()] = val.strip().strip('"').lower()
+    return mime.strip().lower(), params
+
+
+class ServingApp:
+    def __init__(self, settings: config.Settings, registry=None, store=None):
+        self.settings = settings
+        self.watcher = AliasWatcher(settings, registry=registry, store=store)
+        # One scoring thread per worker: torch's intra-op threads do the parallel work,
+        # and workers x threads stay within the cores. The event loop stays free for I/O,
+        # /ping and /status while a request is scored.
+        self._executor: ThreadPoolExecutor | None = None
+        self._name_header = [(b"x-model-name", settings.model_name.encode("latin-1", "replace"))]
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._executor is None:
+            _configure_logging()
+            self._executor = ThreadPoolExecutor(1, thread_name_prefix="scoring")
+            self.watcher.start()
+
+    def stop(self) -> None:
+        self.watcher.stop()
+        if self._executor is not None:
+            self._executor.shutdown(wait=False)
+
+    async def _lifespan(self, receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                self.start()
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                self.stop()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- ASGI entry ------------------------------------------------------------------------
+
+    async def __call__(self, scope, receive, send) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            return await self._lifespan(receive, send)
+        if kind != "http":
+            return  # no websockets here; the server closes the connection
+        if self._executor is None:
+            self.start()  # servers that skip lifespan events still get a watcher
+        try:
+            await self._http(scope, receive, send)
+        except _ClientGone:
+            pass  # the client left before sending its whole body; nobody to answer
+
+    async def _http(self, scope, receive, send) -> None:
+        model = self.watcher.current
+        path = scope["path"]
+        method = scope["method"]
+        if path == "/invocations" and method == "POST":
+            return await self._invocations(model, scope, receive, send)
+        if method in ("GET", "HEAD"):
+            if path in ("/ping", "/health"):
+                state = "serving" if model is not None else "waiting"
+                return await self._send(send, Reply(200, b'{"state": "%s"}' % state.encode()), model)
+            if path == "/status":
+                body = json.dumps(self.watcher.status()).encode()
+                return await self._send(send, Reply(200, body), model)
+            if path == "/version":
+                from mlflow.version import VERSION
+
+                return await self._send(send, Reply(200, VERSION.encode()), model)
+        if model is None:
+            return await self._send(send, error_reply(404, f"No route {method} {path}"), model)
+        # MLflow's app answers what it knows (e.g. 405 for GET /invocations) and 404 else.
+        body = await self._read_body(scope, receive, send, model)
+        if body is not None:
+            await self._forward(model, scope, receive, send, body)
+
+    # -- /invocations ------------------------------------------------------------------------
+
+    async def _invocations(self, model, scope, receive, send) -> None:
+        body = await self._read_body(scope, receive, send, model)
+        if body is None:
+            return
+        if model is None:
+            reply = Reply(
+                503,
+                json.dumps(
+                    {
+                        "error_code": "TEMPORARILY_UNAVAILABLE",
+                        "message": f"No model is served yet: {self.watcher.waiting_for}",
+                    }
+                ).encode(),
+            )
+            retry = str(max(1, round(self.settings.poll_seconds))).encode()
+            return await self._send(send, reply, None, [(b"retry-after", retry)])
+
+        content_type = _header(scope, b"content-type")
+        if content_type is None:
+            return await self._send(
+                send,
+                error_reply(415, "Set a Content-Type header: application/json, text/csv or "
+                            "application/vnd.apache.parquet"),
+                model,
+            )
+        mime, params = _media_type(content_type)
+        if mime == "application/json" and params.get("charset", "utf-8") == "utf-8" and (
+            params.keys() <= {"charset"}
+        ):
+            loop = asyncio.get_running_loop()
+            reply = await loop.run_in_executor(self._executor, scoring.score_json, model, body)
+            if reply is not None:
+                return await self._send(send, reply, model)
+        await self._forward(model, scope, receive, send, body)
+
+    async def _read_body(self, scope, receive, send, model) -> bytes | None:
+        """The whole body, or None after answering 413/400 itself. Never holds more than
+        the limit in memory."""
+        limit = self.settings.max_body_bytes
+        declared = _header(scope, b"content-length")
+        if declared is not None:
+            if not declared.strip().isdigit():
+                await self._send(send, error_reply(400, "Content-Length is not a number"), model,
+                                 [(b"connection", b"close")])
+                return None
+            if int(declared) > limit:
+                # Decided from the header alone. A client that waits for 100-continue has
+                # sent nothing; others are already sending, so let a bounded amount drain.
+                if _header(scope, b"expect") != b"100-continue" and int(declared) <= DRAIN_BYTES:
+                    await self._discard(receive, int(declared))
+                await self._too_large(send, model, f"Content-Length {int(declared)}")
+                return None
+        chunks = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone()
+            chunk = message.get("body", b"")
+            more = message.get("more_body", False)
+            size += len(chunk)
+            if size > limit:
+                if more:
+                    await self._discard(receive, DRAIN_BYTES - size)
+                await self._too_large(send, model, f"more than {limit} bytes")
+                return None
+            chunks.append(chunk)
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def _discard(self, receive, budget: int) -> None:
+        try:
+            async with asyncio.timeout(DRAIN_SECONDS):
+                while budget > 0:
+                    message = await receive()
+                    if message["type"] != "http.request":
+                        return
+                    budget -= len(message.get("body", b""))
+                    if not message.get("more_body", False):
+                        return
+        except TimeoutError:
+            pass
+
+    async def _too_large(self, send, model, what: str) -> None:
+        limit = self.settings.max_body_bytes
+        await self._send(
+            send,
+            error_reply(413, f"Request body too large ({what}); the limit is {limit} bytes "
+                        "(SERVING_MAX_BODY_BYTES). Send fewer images per request."),
+            model,
+            [(b"connection", b"close")],
+        )
+
+    # -- MLflow's scoring app ---------------------------------------------------------------
+
+    async def _forward(self, model, scope, receive, send, body: bytes) -> None:
+        """Let MLflow's scoring app answer, replaying the body already read; its errors
+        are rewritten as bounded JSON and every answer carries the version headers."""
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # waits for a disconnect, like the server would
+
+        error_start = None
+        error_body = []
+        responded = False
+
+        async def capture(message):
+            nonlocal error_start, responded
+            if message["type"] == "http.response.start":
+                if message["status"] >= 400:
+                    error_start = message  # rewritten once the whole body is here
+                    return
+                message = dict(message)
+                message["headers"] = list(message.get("headers", [])) + model.headers
+                responded = True
+                await send(message)
+            elif error_start is None:
+                await send(message)
+            else:
+                error_body.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    content_type = dict(error_start.get("headers", [])).get(b"content-type", b"")
+                    reply = scoring.normalise_error(
+                        error_start["status"], content_type, b"".join(error_body)
+                    )
+                    responded = True
+                    await self._send(send, reply, model)
+
+        try:
+            await model.scoring_app(scope, replay, capture)
+        except Exception:
+            log.warning("MLflow's scoring app failed on %s %s", scope["method"], scope["path"],
+                        exc_info=True)
+            if not responded:
+                await self._send(send, error_reply(500, "Internal error while scoring"), model)
+
+    # -- answers -----------------------------------------------------------------------------
+
+    async def _send(self, send, reply: Reply, model, extra=()) -> None:
+        headers = [
+            *_JSON_HEADERS,
+            (b"content-length", str(len(reply.body)).encode()),
+            *(model.headers if model is not None else self._name_header),
+            *extra,
+        ]
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        await send({"type": "http.response.body", "body": reply.body})
+
+
+def create_app() -> ServingApp:
+    """Factory named in gunicorn.conf.py: one app, hence one watcher, per worker process."""
+    try:
+        settings = config.from_env()
+    except config.ConfigError as e:
+        print(f"serving: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    app = ServingApp(settings)
+    log.debug("worker %d created its app", os.getpid())
+    return app

@@ -1,0 +1,176 @@
+"""One registered model version: find it, download it into the cache, load it.
+
+Several gunicorn workers share one cache directory and may fetch the same version at the
+same moment, so each download lands in a private directory that is renamed into place:
+a version directory either does not exist or is complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import mlflow
+from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import scoring_server
+
+log = logging.getLogger("serving")
+
+# Versions kept on disk besides the one being served: enough to switch back quickly after
+# a rollback, few enough that a tmpfs cache does not grow with every training run.
+KEEP_OLD_VERSIONS = 2
+# A private download directory older than this belongs to a worker that died mid-download.
+STALE_PARTIAL_SECONDS = 3600
+
+
+class AliasNotFound(Exception):
+    """The registered model or its alias does not exist (yet)."""
+
+
+@dataclass(frozen=True)
+class VersionRef:
+    """What the alias points at. The creation time tells apart two "version 1"s of a
+    registered model that was deleted and created again."""
+
+    name: str
+    version: str
+    run_id: str | None = None
+    created_ms: int = 0
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    @property
+    def cache_key(self) -> str:
+        return f"v{self.version}-{self.created_ms}"
+
+
+@dataclass
+class LoadedModel:
+    """A model in memory, ready to answer: what requests are scored with."""
+
+    ref: VersionRef
+    path: str
+    pyfunc: object
+    scoring_app: object  # MLflow's own scoring server (FastAPI) for this model
+    input_spec: object | None  # the single TensorSpec input, when the signature has one
+    loaded_at: float = field(default_factory=time.time)
+    headers: list = field(default_factory=list)
+
+    def __post_init__(self):
+        self.headers = [
+            (b"x-model-name", self.ref.name.encode("latin-1", "replace")),
+            (b"x-model-version", self.ref.version.encode("latin-1", "replace")),
+        ]
+
+
+def resolve_alias(registry, name: str, alias: str) -> VersionRef:
+    """Ask the registry which version the alias points at."""
+    try:
+        mv = registry.get_model_version_by_alias(name, alias)
+    except MlflowException as e:
+        # The registry answers RESOURCE_DOES_NOT_EXIST for an unknown model and
+        # INVALID_PARAMETER_VALUE "... alias ... not found" for an unknown alias.
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST" or (
+            e.error_code == "INVALID_PARAMETER_VALUE" and "not found" in e.message.lower()
+        ):
+            raise AliasNotFound(e.message) from None
+        raise
+    return VersionRef(
+        name=name,
+        version=str(mv.version),
+        run_id=mv.run_id or None,
+        created_ms=int(mv.creation_timestamp or 0),
+    )
+
+
+def input_tensor_spec(pyfunc):
+    """The one unnamed tensor input of the signature, or None for any other signature."""
+    schema = pyfunc.metadata.get_input_schema()
+    if schema is None or not schema.is_tensor_spec() or len(schema.inputs) != 1:
+        return None
+    if schema.has_input_names():
+        return None
+    return schema.inputs[0]
+
+
+class ModelStore:
+    """Downloads versions into SERVING_CACHE_DIR/<model>/<version>-<created> and loads them."""
+
+    def __init__(self, cache_dir: str, tracking_uri: str):
+        self.cache_dir = cache_dir
+        self.tracking_uri = tracking_uri
+
+    def _model_dir(self, name: str) -> str:
+        return os.path.join(self.cache_dir, re.sub(r"[^\w.\-]", "_", name))
+
+    def fetch(self, ref: VersionRef) -> str:
+        """Local directory of the version, downloading it unless another worker already has."""
+        base = self._model_dir(ref.name)
+        final = os.path.join(base, ref.cache_key)
+        if os.path.isdir(final):
+            os.utime(final)  # marks it recently used, for prune()
+            return final
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        partial = tempfile.mkdtemp(prefix=f".partial-{ref.cache_key}-", dir=base)
+        try:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=ref.uri,
+                dst_path=partial,
+                tracking_uri=self.tracking_uri,
+                registry_uri=self.tracking_uri,
+            )
+            inner = os.path.relpath(local, partial)
+            if inner != ".":
+                raise RuntimeError(f"unexpected download layout: model landed in {inner!r}")
+            try:
+                os.rename(partial, final)
+            except OSError:
+                if not os.path.isdir(final):
+                    raise
+                # Another worker finished the same version first; its copy is as good.
+                shutil.rmtree(partial, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        return final
+
+    def load(self, ref: VersionRef, path: str) -> LoadedModel:
+        pyfunc = mlflow.pyfunc.load_model(path)
+        return LoadedModel(
+            ref=ref,
+            path=path,
+            pyfunc=pyfunc,
+            scoring_app=scoring_server.init(pyfunc),
+            input_spec=input_tensor_spec(pyfunc),
+        )
+
+    def prune(self, name: str, in_use: set[str]) -> None:
+        """Remove all but the newest few versions of a model, never one in use."""
+        base = self._model_dir(name)
+        try:
+            entries = [os.path.join(base, n) for n in os.listdir(base)]
+        except FileNotFoundError:
+            return
+        now = time.time()
+        versions = []
+        for path in entries:
+            try:
+                mtime = os.stat(path).st_mtime
+            except FileNotFoundError:
+                continue
+            if os.path.basename(path).startswith(".partial-"):
+                if now - mtime > STALE_PARTIAL_SECONDS:
+                    shutil.rmtree(path, ignore_errors=True)
+            elif path not in in_use:
+                versions.append((mtime, path))
+        versions.sort(reverse=True)
+        for _, path in versions[KEEP_OLD_VERSIONS:]:
+            log.info("removing cached model %s", path)
+            shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,189 @@
+"""Scoring one /invocations body with one loaded model, and shaping error answers.
+
+The common body, `{"inputs": <tensor>}` in JSON, is scored here directly: parsed once,
+converted to the signature's dtype, passed to the same pyfunc `predict` that MLflow's
+scoring server calls, and answered in MLflow's `{"predictions": ...}` shape. Every other
+body returns None and goes to MLflow's own scoring app.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import NamedTuple
+
+import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.pyfunc import scoring_server
+
+log = logging.getLogger("serving")
+
+# Error messages from MLflow quote the whole input; answers and logs keep both ends.
+MAX_MESSAGE_CHARS = 2000
+_UNEXPECTED_LOG_INTERVAL = 10.0
+_last_unexpected_log = 0.0
+
+JSON_TYPE = b"application/json"
+ERROR_CODES = {
+    400: "BAD_REQUEST",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "REQUEST_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+    503: "TEMPORARILY_UNAVAILABLE",
+    504: "TIMEOUT",
+}
+
+
+class Reply(NamedTuple):
+    status: int
+    body: bytes
+
+
+def clip(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    if len(message) <= limit:
+        return message
+    head = limit // 4
+    tail = limit - head
+    return f"{message[:head]} ... [{len(message) - limit} characters left out] ... {message[-tail:]}"
+
+
+def error_reply(status: int, message: str, error_code: str | None = None) -> Reply:
+    code = error_code or ERROR_CODES.get(status, "INTERNAL_ERROR" if status >= 500 else "BAD_REQUEST")
+    return Reply(status, json.dumps({"error_code": code, "message": clip(message)}).encode())
+
+
+def _log_unexpected(what: str) -> None:
+    # A client can send the same breaking input in a loop; one traceback per interval is
+    # enough to diagnose it without flooding the log.
+    global _last_unexpected_log
+    now = time.monotonic()
+    if now - _last_unexpected_log >= _UNEXPECTED_LOG_INTERVAL:
+        _last_unexpected_log = now
+        log.warning("%s (further ones muted for %.0fs)", what, _UNEXPECTED_LOG_INTERVAL, exc_info=True)
+
+
+def predictions_body(predictions) -> bytes:
+    if isinstance(predictions, np.ndarray):
+        # What MLflow's NumpyEncoder writes for an array, without its per-item dispatch.
+        return json.dumps({"predictions": predictions.tolist()}).encode()
+    from io import StringIO
+
+    out = StringIO()
+    scoring_server.predictions_to_json(predictions, out)
+    return out.getvalue().encode()
+
+
+def predict_reply(model, data) -> Reply:
+    """Run the pyfunc on parsed input; errors become JSON answers as in MLflow's server."""
+    try:
+        predictions = model.pyfunc.predict(data)
+    except MlflowException as e:
+        # Schema enforcement and the model's own input checks (e.g. non-finite values)
+        # raise INVALID_PARAMETER_VALUE, which MLflow maps to 400.
+        return error_reply(e.get_http_status_code(), e.message, e.error_code)
+    except Exception as e:
+        _log_unexpected(f"model {model.ref.name} v{model.ref.version} raised in predict")
+        # MLflow's scoring server answers 400 for any error inside predict; same here.
+        return error_reply(
+            400,
+            "The model could not score this input; check that it matches the model's "
+            f"signature. Error: {type(e).__name__}: {e}",
+        )
+    try:
+        return Reply(200, predictions_body(predictions))
+    except Exception:
+        _log_unexpected(f"model {model.ref.name} v{model.ref.version} returned unserialisable output")
+        return error_reply(500, "The model's output could not be written as JSON")
+
+
+def score_json(model, body: bytes) -> Reply | None:
+    """Answer a JSON body, or None when it is not a tensor `inputs` body for this model."""
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError) as e:
+        # ValueError covers malformed JSON, bad UTF-8 and integers too long to convert;
+        # RecursionError absurdly deep nesting. MLflow's app would answer 500 for the last two.
+        return error_reply(400, f"The body is not valid JSON: {type(e).__name__}: {e}")
+    spec = model.input_spec
+    if spec is None or type(document) is not dict or document.keys() != {"inputs"}:
+        return None
+    try:
+        data = np.asarray(document["inputs"], dtype=spec.type)
+    except (ValueError, TypeError, OverflowError):
+        return None  # ragged or non-numeric: MLflow's parser words the error
+    return predict_reply(model, data)
+
+
+def example_request(model) -> bytes | None:
+    """A body the model must answer before it is served: its saved serving input example,
+    else a zero tensor of the signature's shape (every -1 taken as 1)."""
+    info = getattr(model.pyfunc.metadata, "saved_input_example_info", None) or {}
+    relative = info.get("serving_input_path")
+    if relative:
+        import os
+
+        path = os.path.join(model.path, relative)
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                return f.read()
+    spec = model.input_spec
+    if spec is not None:
+        shape = tuple(1 if d == -1 else d for d in spec.shape)
+        return json.dumps({"inputs": np.zeros(shape, dtype=spec.type).tolist()}).encode()
+    return None
+
+
+def check_answers(model) -> None:
+    """Raise unless the model answers its example request with finite predictions."""
+    body = example_request(model)
+    if body is None:
+        log.warning(
+            "model %s v%s has neither an input example nor a tensor signature; "
+            "it is checked by loading only",
+            model.ref.name,
+            model.ref.version,
+        )
+        return
+    reply = score_json(model, body)
+    if reply is None:
+        result = scoring_server.invocations(
+            body, "application/json", model.pyfunc, model.pyfunc.metadata.get_input_schema()
+        )
+        reply = Reply(result.status, result.response.encode())
+    if reply.status != 200:
+        raise RuntimeError(f"example request answered {reply.status}: {reply.body[:500].decode(errors='replace')}")
+    predictions = json.loads(reply.body).get("predictions")
+    try:
+        values = np.asarray(predictions, dtype=np.float64)
+    except (TypeError, ValueError):
+        return  # not a numeric tensor (e.g. labels): answering is all we can check
+    if not np.isfinite(values).all():
+        raise RuntimeError("example request answered non-finite predictions")
+    outputs = model.pyfunc.metadata.get_output_schema()
+    if outputs is not None and outputs.is_tensor_spec() and len(outputs.inputs) == 1:
+        expected = outputs.inputs[0].shape
+        if values.ndim != len(expected) or any(
+            e != -1 and e != got for e, got in zip(expected, values.shape)
+        ):
+            raise RuntimeError(
+                f"example request answered shape {list(values.shape)}, "
+                f"signature says {list(expected)}"
+            )
+
+
+def normalise_error(status: int, content_type: bytes, body: bytes) -> Reply:
+    """MLflow's app answers some errors as text/plain and quotes whole inputs; clients get
+    `{"error_code", "message"}` JSON with a bounded message instead."""
+    code = None
+    message = body.decode("utf-8", errors="replace").strip()
+    if content_type.startswith(JSON_TYPE):
+        try:
+            document = json.loads(body)
+        except ValueError:
+            document = None
+        if isinstance(document, dict):
+            code = document.get("error_code")
+            message = str(document.get("message") or document.get("detail") or message)
+    return error_reply(status, message or f"HTTP {status}", code)

@@ -1,0 +1,305 @@
+"""Following models:/NAME@ALIAS: a background thread per worker that polls the registry,
+prepares a new version beside the served one, and swaps only a model that answers.
+
+The swap is one attribute assignment. A request reads `watcher.current` once and scores
+with that object to the end, so requests in flight finish on the old version and new ones
+start on the new version; nothing is ever unloaded under a request.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from serving.config import Settings, safe_uri
+
+log = logging.getLogger("serving")
+
+# A version that failed is retried after poll * 2**failures seconds, at most this long.
+MAX_VERSION_RETRY_SECONDS = 120.0
+# An unreachable registry is retried after poll * 2**(errors - 1) seconds, at most this
+# long, so that a tracking server coming back is noticed soon.
+MAX_REGISTRY_RETRY_SECONDS = 30.0
+# The same waiting or registry message is repeated in the log at most this often.
+REPEAT_LOG_SECONDS = 60.0
+
+
+def version_retry_delay(poll: float, failures: int) -> float:
+    return min(poll * 2**failures, max(poll, MAX_VERSION_RETRY_SECONDS))
+
+
+def registry_retry_delay(poll: float, errors: int) -> float:
+    return min(poll * 2 ** max(errors - 1, 0), max(poll, MAX_REGISTRY_RETRY_SECONDS))
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class _Failure:
+    count: int
+    retry_at: float
+    message: str
+
+
+class _RepeatLimiter:
+    """Logs a message when it changes, and an unchanged one only every REPEAT_LOG_SECONDS."""
+
+    def __init__(self):
+        self._last = None
+        self._at = 0.0
+
+    def log(self, level: int, message: str) -> None:
+        now = time.monotonic()
+        if message != self._last or now - self._at >= REPEAT_LOG_SECONDS:
+            log.log(level, message)
+            self._last, self._at = message, now
+
+    def reset(self) -> None:
+        self._last = None
+
+
+class AliasWatcher:
+    def __init__(self, settings: Settings, registry=None, store=None):
+        self.settings = settings
+        self.current = None  # LoadedModel being served; replaced whole, never mutated
+        self.alias_version: str | None = None
+        self.waiting_for = f"waiting for {settings.model_uri}: not checked yet"
+        self.last_error: str | None = None
+        self.last_error_at: float | None = None
+        self.polls = 0  # finished polls, so that callers can wait for "one more look"
+        self._registry = registry
+        self._store = store
+        self._failures: dict[str, _Failure] = {}
+        self._registry_errors = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._wait_log = _RepeatLimiter()
+        self._error_log = _RepeatLimiter()
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="alias-watcher", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            # A download in progress cannot be interrupted; the thread is a daemon and
+            # dies with the process.
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _run(self) -> None:
+        self._limit_torch_threads()
+        delay = 0.0
+        while not self._stop.wait(delay):
+            try:
+                delay = self.poll_once()
+            except Exception:
+                # Whatever breaks, the served model keeps serving and the watcher keeps
+                # watching; this is the last line before a silent dead thread.
+                log.exception("unexpected error while following %s", self.settings.model_uri)
+                delay = self.settings.poll_seconds
+            finally:
+                self.polls += 1
+
+    def _limit_torch_threads(self) -> None:
+        # Before the first model loads: workers x threads must not exceed the cores.
+        if importlib.util.find_spec("torch") is None:
+            return
+        import torch
+
+        torch.set_num_threads(self.settings.torch_threads)
+        try:
+            torch.set_num_interop_threads(1)
+        except RuntimeError:
+            pass  # already fixed by earlier torch work in this process
+
+    # -- one look at the registry ----------------------------------------------------------
+
+    def _clients(self):
+        if self._registry is None:
+            from mlflow import MlflowClient
+
+            uri = self.settings.tracking_uri
+            self._registry = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        if self._store is None:
+            from serving.model_store import ModelStore
+
+            self._store = ModelStore(self.settings.cache_dir, self.settings.tracking_uri)
+        return self._registry, self._store
+
+    def _set_error(self, message: str | None) -> None:
+        self.last_error = message
+        self.last_error_at = time.time() if message else None
+
+    def poll_once(self) -> float:
+        """Look at the alias once, switch if there is something new; return the next delay."""
+        from serving.model_store import AliasNotFound, resolve_alias
+
+        s = self.settings
+        poll = s.poll_seconds
+        registry, store = self._clients()
+        try:
+            target = resolve_alias(registry, s.model_name, s.model_alias)
+        except AliasNotFound as e:
+            self._registry_errors = 0
+            self._error_log.reset()
+            return self._alias_missing(str(e))
+        except Exception as e:
+            self._registry_errors += 1
+            delay = registry_retry_delay(poll, self._registry_errors)
+            message = (
+                f"cannot read {s.model_uri} from the tracking server at "
+                f"{safe_uri(s.tracking_uri)}: {type(e).__name__}: {_one_line(e)}"
+            )
+            self._set_error(message)
+            self._error_log.log(
+                logging.WARNING,
+                f"{message}; {self._serving_words()}; retrying in {delay:.3g}s",
+            )
+            if self.current is None:
+                self.waiting_for = f"waiting for {s.model_uri}: {message}"
+            return delay
+
+        if self._registry_errors:
+            log.info("tracking server at %s answers again", safe_uri(s.tracking_uri))
+            self._registry_errors = 0
+            self._error_log.reset()
+        self.alias_version = target.version
+
+        current = self.current
+        if current is not None and current.ref == target:
+            self._failures = {}
+            self._set_error(None)
+            return poll
+
+        key = target.cache_key
+        # Forget failures of versions the alias no longer points at.
+        self._failures = {k: f for k, f in self._failures.items() if k == key}
+        failure = self._failures.get(key)
+        if failure is not None and time.monotonic() < failure.retry_at:
+            return min(poll, failure.retry_at - time.monotonic())
+
+        self._switch_to(target, store, failure)
+        return poll
+
+    def _alias_missing(self, reason: str) -> float:
+        s = self.settings
+        self.alias_version = None
+        if self.current is None:
+            self.waiting_for = f"waiting for {s.model_uri}: {reason}"
+            self._set_error(None)
+            self._wait_log.log(
+                logging.INFO,
+                f"no model to serve yet: waiting for {s.model_uri} ({reason}); "
+                f"checking every {s.poll_seconds:g}s",
+            )
+        else:
+            message = f"{s.model_uri} no longer resolves ({reason})"
+            self._set_error(message)
+            self._wait_log.log(
+                logging.WARNING, f"{message}; still serving version {self.current.ref.version}"
+            )
+        return s.poll_seconds
+
+    def _serving_words(self) -> str:
+        if self.current is None:
+            return "no model served yet"
+        return f"still serving version {self.current.ref.version}"
+
+    def _switch_to(self, target, store, failure: _Failure | None) -> None:
+        from serving.scoring import check_answers
+
+        s = self.settings
+        started = time.monotonic()
+        log.info("%s now points at version %s: preparing it", s.model_uri, target.version)
+        step = "download"
+        try:
+            path = store.fetch(target)
+            step = "load"
+            candidate = store.load(target, path)
+            step = "check"
+            check_answers(candidate)
+        except Exception as e:
+            count = (failure.count if failure else 0) + 1
+            delay = version_retry_delay(s.poll_seconds, count)
+            message = f"version {target.version}: {step} failed: {type(e).__name__}: {_one_line(e)}"
+            self._failures = {target.cache_key: _Failure(count, time.monotonic() + delay, message)}
+            self._set_error(message)
+            if self.current is None:
+                self.waiting_for = f"waiting for a version of {s.model_uri} that works: {message}"
+            log.warning(
+                "%s not switched to (attempt %d): %s; %s; retrying in %.3gs",
+                s.model_uri,
+                count,
+                message,
+                self._serving_words(),
+                delay,
+                exc_info=step != "check",
+            )
+            return
+
+        previous = self.current
+        self.current = candidate  # the switch: requests from now on get the new version
+        self._failures = {}
+        self._set_error(None)
+        self.waiting_for = ""
+        log.info(
+            "serving %s version %s (run %s) in place of %s; prepared in %.2fs",
+            s.model_name,
+            target.version,
+            target.run_id or "-",
+            f"version {previous.ref.version}" if previous else "nothing",
+            time.monotonic() - started,
+        )
+        try:
+            store.prune(s.model_name, {candidate.path})
+        except Exception:
+            log.warning("could not prune the model cache", exc_info=True)
+
+    # -- reporting ---------------------------------------------------------------------
+
+    def status(self) -> dict:
+        s = self.settings
+        current = self.current
+        failure = next(iter(self._failures.values()), None)  # only the alias target's is kept
+        return {
+            "model_name": s.model_name,
+            "alias": s.model_alias,
+            "model_uri": s.model_uri,
+            "state": "serving" if current is not None else "waiting",
+            "version": current.ref.version if current else None,
+            "run_id": current.ref.run_id if current else None,
+            "loaded_at": _iso(current.loaded_at) if current else None,
+            "alias_version": self.alias_version,
+            "waiting_for": self.waiting_for if current is None else None,
+            "last_error": self.last_error,
+            "last_error_at": _iso(self.last_error_at),
+            "failed_attempts": failure.count if failure else 0,
+            "next_retry_in_seconds": (
+                round(max(failure.retry_at - time.monotonic(), 0.0), 1) if failure else None
+            ),
+            "poll_interval_seconds": s.poll_seconds,
+            "watcher_alive": self.alive,
+            "worker_pid": os.getpid(),
+        }
+
+
+def _one_line(e: BaseException, limit: int = 500) -> str:
+    text = " ".join(str(e).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
