@@ -1,0 +1,403 @@
+"""The serving app in-process: waiting for the alias, serving, following alias moves
+without failing a request, refusing broken versions, and answering bad input with 4xx."""
+
+import asyncio
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+from serving_helpers import ONE_IMAGE_BODY, async_wait_until, call, post_json, wait_until
+
+from serving import config
+from serving.app import ServingApp
+
+POLL = 0.2  # seconds; the watcher's own schedule, not a sleep in the tests
+
+
+@pytest.fixture
+def make_app(registry, tmp_path):
+    apps = []
+
+    def make(name, **overrides):
+        inject = overrides.pop("_inject", {})
+        settings = config.Settings(
+            tracking_uri=registry.tracking_uri,
+            model_name=name,
+            poll_seconds=POLL,
+            cache_dir=str(tmp_path / "cache"),
+            **overrides,
+        )
+        app = ServingApp(settings, **inject)
+        app.start()
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.stop()
+
+
+def status(app):
+    return app.watcher.status()
+
+
+def serving_version(app, version):
+    return lambda: status(app)["version"] == str(version)
+
+
+def test_waits_for_alias_then_serves_it(registry, make_app):
+    name = registry.new_model("good-a")  # registered, but no alias yet
+    app = make_app(name)
+
+    async def scenario():
+        await async_wait_until(lambda: app.watcher.polls >= 1, what="first poll")
+        ping = await call(app, "GET", "/ping")
+        assert ping.status == 200
+        assert ping.json() == {"state": "waiting"}
+
+        waiting = await post_json(app, ONE_IMAGE_BODY)
+        assert waiting.status == 503
+        assert f"models:/{name}@production" in waiting.json()["message"]
+        assert "retry-after" in waiting.headers
+        assert waiting.headers["x-model-name"] == name
+
+        st = (await call(app, "GET", "/status")).json()
+        assert st["state"] == "waiting"
+        assert st["version"] is None
+        assert f"models:/{name}@production" in st["waiting_for"]
+        assert st["poll_interval_seconds"] == POLL
+
+        registry.point(name, 1)
+        await async_wait_until(serving_version(app, 1), what="version 1 served")
+
+        answer = await post_json(app, ONE_IMAGE_BODY)
+        assert answer.status == 200
+        assert answer.headers["x-model-version"] == "1"
+        assert answer.headers["x-model-name"] == name
+        predictions = np.array(answer.json()["predictions"])
+        assert predictions.shape == (1, 10)
+        assert predictions.sum() == pytest.approx(1.0, abs=1e-5)
+
+        st = (await call(app, "GET", "/status")).json()
+        assert st["state"] == "serving"
+        assert st["run_id"] == registry.sources["good-a"][1]
+        assert st["loaded_at"] and st["last_error"] is None
+        assert (await call(app, "GET", "/ping")).json() == {"state": "serving"}
+
+    asyncio.run(scenario())
+
+
+def test_alias_move_swaps_without_failing_a_request(registry, make_app):
+    name = registry.new_model("good-a", "good-b")
+    registry.point(name, 1)
+    app = make_app(name)
+    wait_until(serving_version(app, 1), what="version 1 served")
+
+    async def scenario():
+        results = []  # (client, version, status, predictions)
+        stop = asyncio.Event()
+
+        async def client(n):
+            while not stop.is_set() and len(results) < 20000:
+                r = await post_json(app, ONE_IMAGE_BODY)
+                body = r.json()
+                results.append((n, r.version, r.status, body.get("predictions")))
+
+        tasks = [asyncio.create_task(client(n)) for n in range(8)]
+        await async_wait_until(lambda: len(results) >= 50, what="traffic on version 1")
+        moved_at = time.monotonic()
+        await asyncio.to_thread(registry.point, name, 2)
+        await async_wait_until(
+            lambda: sum(1 for r in results if r[1] == "2") >= 200, what="traffic on version 2"
+        )
+        swap_seen = time.monotonic() - moved_at
+        stop.set()
+        await asyncio.gather(*tasks)
+        return results, swap_seen
+
+    results, swap_seen = asyncio.run(scenario())
+    failures = [r for r in results if r[2] != 200]
+    assert not failures, failures[:3]
+    print(f"\n{len(results)} requests, none failed; alias move seen after {swap_seen:.2f}s")
+
+    # Each client saw version 1, then version 2, never back.
+    for n in range(8):
+        versions = [v for c, v, _, _ in results if c == n]
+        assert versions == sorted(versions), f"client {n} went back to version 1"
+    # The header names the version that produced the answer.
+    by_version = {}
+    for _, version, _, predictions in results:
+        by_version.setdefault(version, predictions)
+        assert predictions == by_version[version]
+    assert set(by_version) == {"1", "2"}
+    assert by_version["1"] != by_version["2"]
+
+
+@pytest.mark.parametrize(
+    "kind, step, reason",
+    [
+        ("broken-predict", "check failed", "stand-in cannot predict"),
+        ("broken-load", "load failed", "stand-in refuses to load"),
+    ],
+)
+def test_broken_version_is_not_switched_to(registry, make_app, kind, step, reason):
+    name = registry.new_model("good-a", kind)
+    registry.point(name, 1)
+    app = make_app(name)
+    wait_until(serving_version(app, 1), what="version 1 served")
+
+    registry.point(name, 2)
+    st = wait_until(
+        lambda: (s := status(app))["failed_attempts"] >= 1 and s, what="failed attempt"
+    )
+    assert st["version"] == "1" and st["state"] == "serving"
+    assert st["alias_version"] == "2"
+    assert "version 2" in st["last_error"] and step in st["last_error"]
+    assert reason in st["last_error"]
+
+    answer = asyncio.run(post_json(app, ONE_IMAGE_BODY))
+    assert answer.status == 200 and answer.version == "1"
+
+    # Retried later, each time after a longer pause: not at every poll.
+    attempts = {}
+    wait_until(
+        lambda: attempts.setdefault(status(app)["failed_attempts"], time.monotonic()) and 3 in attempts,
+        timeout=20,
+        interval=0.01,
+        what="third attempt",
+    )
+    first_gap = attempts[2] - attempts[1]
+    second_gap = attempts[3] - attempts[2]
+    assert first_gap >= 2 * POLL * 0.9
+    assert second_gap > first_gap
+    assert status(app)["version"] == "1"
+
+    # A good version after the broken one is taken at once and clears the error.
+    registry.client.create_model_version(name, *registry.sources["good-b"])
+    registry.point(name, 3)
+    wait_until(serving_version(app, 3), what="version 3 served")
+    st = status(app)
+    assert st["last_error"] is None and st["failed_attempts"] == 0
+
+
+def test_version_without_input_example_is_checked_with_zero_image(registry, make_app):
+    name = registry.new_model("no-example")
+    registry.point(name, 1)
+    app = make_app(name)
+    wait_until(serving_version(app, 1), what="version 1 served")
+    assert asyncio.run(post_json(app, ONE_IMAGE_BODY)).status == 200
+
+
+class FlakyRegistry:
+    """The real registry, until `down` is set: then every call fails like a dead server."""
+
+    def __init__(self, client):
+        self.client = client
+        self.down = False
+
+    def get_model_version_by_alias(self, name, alias):
+        if self.down:
+            raise ConnectionError("Connection refused")
+        return self.client.get_model_version_by_alias(name, alias)
+
+
+def test_tracking_server_down_keeps_serving(registry, make_app):
+    name = registry.new_model("good-a")
+    registry.point(name, 1)
+    flaky = FlakyRegistry(registry.client)
+    app = make_app(name, _inject={"registry": flaky})
+    wait_until(serving_version(app, 1), what="version 1 served")
+
+    flaky.down = True
+    st = wait_until(lambda: (s := status(app))["last_error"] and s, what="error reported")
+    assert "cannot read" in st["last_error"] and "Connection refused" in st["last_error"]
+    answer = asyncio.run(post_json(app, ONE_IMAGE_BODY))
+    assert answer.status == 200 and answer.version == "1"
+
+    flaky.down = False
+    wait_until(lambda: status(app)["last_error"] is None, what="error cleared")
+    assert app.watcher.alive
+
+
+@pytest.fixture(scope="module")
+def served(registry, tmp_path_factory):
+    """One app serving a good version, for the many bad-input cases."""
+    name = registry.new_model("good-a")
+    registry.point(name, 1)
+    settings = config.Settings(
+        tracking_uri=registry.tracking_uri,
+        model_name=name,
+        poll_seconds=POLL,
+        cache_dir=str(tmp_path_factory.mktemp("cache")),
+    )
+    app = ServingApp(settings)
+    app.start()
+    wait_until(serving_version(app, 1), what="version 1 served")
+    yield app
+    app.stop()
+
+
+def _image(value=0.5, shape=(1, 1, 28, 28)):
+    return np.full(shape, value).tolist()
+
+
+def _json(document):
+    return json.dumps(document).encode()
+
+
+BAD_INPUTS = {
+    "not JSON": (b"{this is not json", "application/json"),
+    "empty body": (b"", "application/json"),
+    "JSON list instead of object": (b"[1, 2, 3]", "application/json"),
+    "JSON string": (b'"hello"', "application/json"),
+    "missing inputs key": (_json({"data": _image()}), "application/json"),
+    "two input keys": (_json({"inputs": _image(), "instances": _image()}), "application/json"),
+    "inputs null": (b'{"inputs": null}', "application/json"),
+    "inputs scalar": (b'{"inputs": 3}', "application/json"),
+    "inputs empty list": (b'{"inputs": []}', "application/json"),
+    "inputs object": (b'{"inputs": {"a": 1}}', "application/json"),
+    "wrong shape (flat)": (_json({"inputs": [[0.5] * 784]}), "application/json"),
+    "wrong shape (no channel)": (_json({"inputs": _image(shape=(1, 28, 28))}), "application/json"),
+    "wrong shape (27 rows)": (_json({"inputs": _image(shape=(1, 1, 27, 28))}), "application/json"),
+    "ragged rows": (
+        _json({"inputs": [[[[0.5] * 28] * 27 + [[0.5] * 3]]]}),
+        "application/json",
+    ),
+    "strings instead of numbers": (
+        _json({"inputs": [[[["a"] * 28] * 28]]}),
+        "application/json",
+    ),
+    "NaN": (b'{"inputs": ' + _json(_image()).replace(b"0.5", b"NaN", 1) + b"}", "application/json"),
+    "Infinity": (
+        b'{"inputs": ' + _json(_image()).replace(b"0.5", b"Infinity", 1) + b"}",
+        "application/json",
+    ),
+    "overflowing float32": (_json({"inputs": _image(1e300)}), "application/json"),
+    "integer too long to parse": (
+        b'{"inputs": [[[[' + b"9" * 5000 + b"]]]]}",
+        "application/json",
+    ),
+    "absurdly deep nesting": (b"[" * 100000 + b"]" * 100000, "application/json"),
+    "invalid UTF-8": (b'{"inputs": "\xff\xfe"}', "application/json"),
+    "dataframe of the wrong columns": (
+        _json({"dataframe_split": {"columns": ["a"], "data": [[1]]}}),
+        "application/json",
+    ),
+    "unsupported content type": (_json({"inputs": _image()}), "text/plain"),
+    "unsupported charset": (_json({"inputs": _image()}), "application/json; charset=latin-1"),
+    "unknown content-type parameter": (_json({"inputs": _image()}), "application/json; x=y"),
+    "CSV that does not fit": (b"a,b\n1,2\n", "text/csv"),
+    "CSV that is not UTF-8": (b"\xff\xfe\x00", "text/csv"),
+    "parquet that is not parquet": (b"PAR1 nonsense", "application/vnd.apache.parquet"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gets_4xx_json(served, case):
+    body, content_type = BAD_INPUTS[case]
+    r = asyncio.run(post_json(served, body, content_type))
+    assert 400 <= r.status < 500, (r.status, r.body[:300])
+    document = r.json()
+    assert document["message"] and document["error_code"]
+    assert len(document["message"]) <= 2200  # inputs are not echoed back whole
+    assert r.version == "1"
+    assert served.watcher.current is not None
+
+
+def test_specific_status_codes(served):
+    async def scenario():
+        nan = await post_json(served, BAD_INPUTS["NaN"][0])
+        assert nan.status == 400 and "NaN or infinity" in nan.json()["message"]
+        assert (await post_json(served, b'{"inputs": 1}', "text/plain")).status == 415
+        no_type = await call(served, "POST", "/invocations", ONE_IMAGE_BODY)
+        assert no_type.status == 415
+        assert (await call(served, "GET", "/invocations")).status == 405
+        assert (await call(served, "GET", "/nowhere")).status == 404
+        version = await call(served, "GET", "/version")
+        assert version.status == 200 and version.version == "1"
+
+    asyncio.run(scenario())
+
+
+def test_other_mlflow_formats_still_served(served):
+    image = _image()
+    async def scenario():
+        for document in ({"instances": image}, {"inputs": image, "params": {}}):
+            r = await post_json(served, _json(document))
+            assert r.status == 200, r.body[:300]
+            assert np.array(r.json()["predictions"]).shape == (1, 10)
+
+    asyncio.run(scenario())
+
+
+def test_fast_path_answers_like_mlflow(served):
+    """The direct path and MLflow's own scoring app give byte-identical answers."""
+    model = served.watcher.current
+    images = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
+    body = _json({"inputs": images.tolist()})
+
+    async def scenario():
+        ours = await post_json(served, body)
+        theirs = await post_json(model.scoring_app, body)
+        return ours, theirs
+
+    ours, theirs = asyncio.run(scenario())
+    assert ours.status == theirs.status == 200
+    assert ours.body == theirs.body
+
+
+def test_body_over_limit_is_413(served):
+    ten_mb = b'{"inputs": [' + b"0.5," * (10_000_000 // 4) + b"0.5]}"
+    r = asyncio.run(post_json(served, ten_mb))
+    assert r.status == 413
+    assert "SERVING_MAX_BODY_BYTES" in r.json()["message"]
+    assert r.headers["connection"] == "close"
+
+
+def test_streamed_body_is_cut_at_limit(registry, make_app):
+    """Without Content-Length the body is counted as it arrives, and reading stops."""
+    name = registry.new_model("good-a")
+    app = make_app(name, max_body_bytes=64 * 1024)
+    delivered = 0
+    piece = b"0" * 65536
+
+    def endless():
+        nonlocal delivered
+        for _ in range(100_000):  # would be 6.5 GB
+            delivered += len(piece)
+            yield piece
+
+    r = asyncio.run(post_json(app, None, chunks=endless()))
+    assert r.status == 413
+    assert delivered <= 64 * 1024 * 1024 + 2 * len(piece)  # bounded drain, then stop
+
+
+def test_watcher_keeps_cache_consistent_for_concurrent_workers(registry, tmp_path):
+    """Two workers fetching the same version at once end with one complete directory."""
+    from serving.model_store import ModelStore, resolve_alias
+
+    name = registry.new_model("good-a")
+    registry.point(name, 1)
+    ref = resolve_alias(registry.client, name, "production")
+    stores = [ModelStore(str(tmp_path), registry.tracking_uri) for _ in range(2)]
+    paths, errors = [], []
+    barrier = threading.Barrier(2)
+
+    def fetch(store):
+        barrier.wait()
+        try:
+            paths.append(store.fetch(ref))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=fetch, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert not errors and len(paths) == 2 and paths[0] == paths[1]
+    model_dir = tmp_path / paths[0].split("/")[-2]
+    assert [p.name for p in model_dir.iterdir()] == [paths[0].split("/")[-1]]
+    assert (model_dir / paths[0].split("/")[-1] / "MLmodel").is_file()
