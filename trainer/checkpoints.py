@@ -1,0 +1,115 @@
+"""Checkpoints: everything needed to continue training exactly where it stopped.
+
+Each is logged as the run artifact checkpoints/epoch-EEE-step-SSSSSSSSS.pt after every
+epoch and when the run is stopped. --resume-from RUN_ID picks the one with the highest
+step; the continuation is a new run tagged resumed_from=RUN_ID whose metrics carry on
+from that global step, so the stopped run keeps its honest KILLED or FAILED status.
+"""
+
+import re
+import tempfile
+from pathlib import Path
+
+import mlflow
+import torch
+from mlflow.tracking import MlflowClient
+
+from trainer.loop import Progress
+
+ARTIFACT_DIR = "checkpoints"
+NAME = re.compile(r"epoch-(\d+)-step-(\d+)\.pt$")
+FORMAT = 1
+
+
+class CheckpointError(Exception):
+    pass
+
+
+def state(model, optimizer, progress, config):
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    return {
+        "format": FORMAT,
+        "arch": config.arch,
+        "optimizer_name": config.optimizer,
+        "seed": config.seed,
+        "batch_size": config.batch_size,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": progress.epoch,
+        "step_in_epoch": progress.step_in_epoch,
+        "global_step": progress.global_step,
+        # Dropout draws from these; restoring them makes a resumed run repeat exactly
+        # what an uninterrupted one would have done.
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": cuda_rng,
+    }
+
+
+def save(model, optimizer, progress, config):
+    """Log a checkpoint to the active run and return its artifact path."""
+    name = f"epoch-{progress.epoch:03d}-step-{progress.global_step:09d}.pt"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / name
+        torch.save(state(model, optimizer, progress, config), path)
+        mlflow.log_artifact(str(path), artifact_path=ARTIFACT_DIR)
+    return f"{ARTIFACT_DIR}/{name}"
+
+
+def latest(run_id, client=None):
+    """Artifact path of the highest-step checkpoint of run_id."""
+    client = client or MlflowClient()
+    found = []
+    for info in client.list_artifacts(run_id, ARTIFACT_DIR):
+        match = NAME.search(info.path)
+        if match:
+            found.append((int(match.group(2)), info.path))
+    if not found:
+        raise CheckpointError(f"run {run_id} has no checkpoint under {ARTIFACT_DIR}/ to resume from")
+    return max(found)[1]
+
+
+def download(run_id, client=None):
+    """Fetch and load the latest checkpoint of run_id; return (checkpoint, artifact path)."""
+    client = client or MlflowClient()
+    try:
+        client.get_run(run_id)
+    except Exception as error:
+        raise CheckpointError(f"--resume-from {run_id}: no such run ({error})") from error
+    path = latest(run_id, client)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp)
+        # weights_only: a checkpoint is data; loading one must never run code.
+        checkpoint = torch.load(local, map_location="cpu", weights_only=True)
+    if checkpoint.get("format") != FORMAT:
+        raise CheckpointError(f"{path} of run {run_id} has an unknown checkpoint format")
+    return checkpoint, path
+
+
+def check_compatible(checkpoint, config):
+    for key, flag, value in (("arch", "--arch", config.arch), ("optimizer_name", "--optimizer", config.optimizer)):
+        if checkpoint[key] != value:
+            raise CheckpointError(
+                f"the checkpoint was trained with {flag} {checkpoint[key]}, not {value}; "
+                f"pass {flag} {checkpoint[key]} to resume it")
+    if checkpoint["step_in_epoch"]:
+        # Mid-epoch, the remaining batches are defined by the seed and the batch size.
+        for key, flag, value in (("seed", "--seed", config.seed), ("batch_size", "--batch-size", config.batch_size)):
+            if checkpoint[key] != value:
+                raise CheckpointError(
+                    f"the checkpoint stopped mid-epoch with {flag} {checkpoint[key]}, not {value}; "
+                    f"pass {flag} {checkpoint[key]} to resume it")
+    if checkpoint["epoch"] >= config.epochs:
+        raise CheckpointError(
+            f"the checkpoint has already completed {checkpoint['epoch']} epoch(s); "
+            f"pass --epochs above {checkpoint['epoch']} to train further")
+
+
+def restore(checkpoint, model, optimizer):
+    """Load weights, optimizer and RNG state; return the Progress to continue from."""
+    model.load_state_dict(checkpoint["model"])
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    torch.set_rng_state(checkpoint["rng_cpu"])
+    if checkpoint["rng_cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(checkpoint["rng_cuda"])
+    return Progress(epoch=checkpoint["epoch"], step_in_epoch=checkpoint["step_in_epoch"],
+                    global_step=checkpoint["global_step"])
