@@ -1,0 +1,88 @@
+"""The model the serving container loads: TorchScript weights inside an MLflow pyfunc.
+
+The trained network is wrapped with its input standardisation and a softmax, scripted
+and frozen (batch norm folds into the convolutions), checked against the network it came
+from, and logged with served_model.py as its code, a signature, a few real test images
+as the input example, and pip requirements pinned to what is installed here.
+"""
+
+import copy
+import tempfile
+import warnings
+from importlib import metadata
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.models import infer_signature
+from torch import nn
+
+from trainer import data
+
+SERVED_MODEL_CODE = Path(__file__).with_name("served_model.py")
+ARTIFACT_PATH = "model"
+EXAMPLE_IMAGES = 3
+# The serving image runs the same packages; local build labels such as +cu132 are
+# dropped because package indexes do not serve them by that name.
+REQUIREMENTS = ("mlflow", "torch", "numpy")
+
+
+class Standardised(nn.Module):
+    """[N, 1, 28, 28] intensities in [0, 1] -> [N, 10] class probabilities."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+        self.mean = data.MEAN
+        self.std = data.STD
+
+    def forward(self, x):
+        return torch.softmax(self.net((x - self.mean) / self.std).float(), dim=1)
+
+
+def to_torchscript(model):
+    net = copy.deepcopy(model).to(device="cpu", dtype=torch.float32, memory_format=torch.contiguous_format)
+    net.eval()
+    with warnings.catch_warnings():
+        # torch 2.15 marks TorchScript deprecated in favour of torch.export; the serving
+        # contract is TorchScript because it loads with torch alone, and it still works.
+        warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+        return torch.jit.freeze(torch.jit.script(Standardised(net).eval()))
+
+
+def pip_requirements():
+    return [f"{name}=={metadata.version(name).split('+')[0]}" for name in REQUIREMENTS]
+
+
+def example_images(test_split):
+    return (test_split.images[:EXAMPLE_IMAGES].unsqueeze(1).float() / 255.0).cpu().numpy()
+
+
+def log_served_model(model, test_split, arch):
+    """Log the served model to the active run; return MLflow's ModelInfo."""
+    scripted = to_torchscript(model)
+    example = example_images(test_split)
+    with torch.inference_mode():
+        probabilities = scripted(torch.from_numpy(example)).numpy()
+        reference_model = copy.deepcopy(model).to("cpu", torch.float32).eval()
+        reference = torch.softmax(reference_model(data.normalise(test_split.images[:EXAMPLE_IMAGES].cpu())), 1).numpy()
+    # Freezing and scripting must not change what the model says.
+    if not np.allclose(probabilities, reference, atol=1e-4):
+        raise RuntimeError("the TorchScript export disagrees with the trained model")
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = Path(tmp) / "model.pt"
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
+            torch.jit.save(scripted, str(weights))
+        return mlflow.pyfunc.log_model(
+            name=ARTIFACT_PATH,
+            python_model=str(SERVED_MODEL_CODE),
+            artifacts={"torchscript": str(weights)},
+            signature=infer_signature(example, probabilities),
+            input_example=example,
+            pip_requirements=pip_requirements(),
+            metadata={"classes": list(data.CLASSES), "architecture": arch,
+                      "input": "float32 [N, 1, 28, 28], pixel intensities in [0, 1]",
+                      "output": "float32 [N, 10], softmax probabilities in class order"},
+        )
