@@ -1,0 +1,268 @@
+"""python -m trainer: train a FashionMNIST classifier, log it to MLflow, register it and
+apply the promotion policy.
+
+The job, top to bottom: check the flags; load the data; reach the tracking server; start
+a run; train and evaluate epoch by epoch with a checkpoint after each; log the served
+model and the evaluation artifacts; register a version; move the alias per policy; print
+the run URL, the version and whether it was promoted.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import mlflow
+import torch
+
+from trainer import architectures, checkpoints, config as cfg, data, export, loop, registry, report, tracking
+from trainer.config import ConfigError
+
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
+
+
+def say(message=""):
+    print(message, flush=True)
+
+
+def warn(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+class StopSignals:
+    """Turns the first SIGINT/SIGTERM into a stop between steps, so a checkpoint of a
+    consistent state can be saved; a second signal stops at once."""
+
+    def __init__(self):
+        self.received = None
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame):
+        if self.received:
+            raise KeyboardInterrupt
+        self.received = signal.Signals(signum).name
+        warn(f"{self.received} received: stopping after this step and saving a checkpoint "
+             "(send it again to stop at once)")
+
+    def __call__(self):
+        return self.received is not None
+
+
+def git_commit():
+    if os.environ.get("GIT_COMMIT"):
+        return os.environ["GIT_COMMIT"]
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
+                                capture_output=True, text=True, timeout=5, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def fit(model, optimizer, train_split, test_split, conf, device, progress, logger, stop,
+        on_epoch_end=lambda progress: None):
+    """Train until conf.epochs are complete; return the last evaluation."""
+    steps = data.steps_per_epoch(len(train_split), conf.batch_size)
+    total_steps = conf.epochs * steps
+
+    def on_log(metrics, p):
+        logger.log({"train_loss": metrics["loss"], "train_accuracy": metrics["accuracy"],
+                    "train_images_per_sec": metrics["images_per_sec"], "lr": metrics["lr"]}, p.global_step)
+        say(f"epoch {p.epoch + 1}/{conf.epochs}  step {p.step_in_epoch}/{steps}  "
+            f"global {p.global_step}  loss {metrics['loss']:.4f}  acc {metrics['accuracy']:.4f}  "
+            f"{metrics['images_per_sec']:.0f} img/s")
+
+    evaluation = None
+    while progress.epoch < conf.epochs:
+        started = time.perf_counter()
+        loop.train_epoch(model, optimizer, train_split, progress, seed=conf.seed,
+                         batch_size=conf.batch_size, lr=conf.lr, lr_schedule=conf.lr_schedule,
+                         total_steps=total_steps, log_every=conf.log_every, device=device,
+                         on_log=on_log, should_stop=stop)
+        evaluation = loop.evaluate(model, test_split, device)
+        seconds = time.perf_counter() - started
+        logger.log({"eval_loss": evaluation["loss"], "eval_accuracy": evaluation["accuracy"],
+                    "epoch": progress.epoch, "epoch_seconds": seconds}, progress.global_step)
+        say(f"epoch {progress.epoch}/{conf.epochs}  eval_loss {evaluation['loss']:.4f}  "
+            f"eval_accuracy {evaluation['accuracy']:.4f}  {seconds:.1f} s")
+        on_epoch_end(progress)
+    return evaluation
+
+
+def build(conf, device):
+    torch.manual_seed(conf.seed)
+    model = loop.prepare(architectures.build(conf.arch), device)
+    optimizer = loop.make_optimizer(conf.optimizer, model, conf.lr)
+    return model, optimizer
+
+
+def run_untracked(conf, device, train_split, test_split):
+    model, optimizer = build(conf, device)
+    with StopSignals() as stop:
+        try:
+            evaluation = fit(model, optimizer, train_split, test_split, conf, device,
+                             loop.Progress(), tracking.NoLogger(), stop)
+        except loop.StopRequested:
+            say("run: none (tracking off)\nversion: none\n"
+                f"promoted: no (stopped by {stop.received})")
+            return EXIT_SIGNAL[stop.received]
+    say(f"final eval_accuracy {evaluation['accuracy']:.4f}")
+    say("run: none (tracking off)\nversion: none\npromoted: no (tracking off)")
+    return 0
+
+
+def params_of(conf, device, model, train_split, test_split):
+    params = {key: value for key, value in vars(conf).items() if key not in ("tracking", "tracking_uri")}
+    params.update(
+        data_dir=str(conf.data_dir),
+        device=str(device),
+        amp="bf16" if device.type == "cuda" else "off",
+        train_samples=len(train_split),
+        test_samples=len(test_split),
+        steps_per_epoch=data.steps_per_epoch(len(train_split), conf.batch_size),
+        eval_batch_size=loop.EVAL_BATCH_SIZE,
+        parameters=sum(p.numel() for p in model.parameters()),
+        torch_version=torch.__version__,
+        mlflow_version=mlflow.__version__,
+    )
+    return {key: "" if value is None else value for key, value in params.items()}
+
+
+def publish(model, evaluation, test_split, conf, run_id, dataset_sha256):
+    """Log the served model and evaluation artifacts, register a version, apply the policy."""
+    confusion = evaluation["confusion"]
+    figure = report.confusion_figure(confusion, data.CLASSES,
+                                     f"{conf.arch}: eval accuracy {evaluation['accuracy']:.4f}")
+    mlflow.log_figure(figure, "confusion_matrix.png")
+    mlflow.log_table(report.per_class_table(confusion, data.CLASSES), artifact_file="per_class_accuracy.json")
+    model_info = export.log_served_model(model, test_split, conf.arch)
+    version = registry.register(model_info.model_uri, conf.model_name, run_id, {
+        "eval_accuracy": f"{evaluation['accuracy']:.6f}",
+        "eval_loss": f"{evaluation['loss']:.6f}",
+        "eval_samples": len(test_split),
+        "dataset_sha256": dataset_sha256,
+        "architecture": conf.arch,
+    })
+    decision = registry.promote_by_policy(conf.model_name, conf.model_alias, version.version,
+                                          conf.promotion_policy)
+    mlflow.set_tags({"registered_version": version.version,
+                     "promoted": "yes" if decision.promoted else "no"})
+    return str(version.version), decision
+
+
+def run_tracked(conf, device, train_split, test_split, dataset_sha256):
+    uri = tracking.connect(conf.tracking_uri, conf.connect_timeout, log=print)
+    resumed = None
+    if conf.resume_from:
+        resumed, resumed_path = checkpoints.download(conf.resume_from)
+        checkpoints.check_compatible(resumed, conf)
+
+    model, optimizer = build(conf, device)
+    progress = loop.Progress()
+    if resumed is not None:
+        progress = checkpoints.restore(resumed, model, optimizer)
+
+    experiment = mlflow.set_experiment(conf.experiment_name)
+    system_metrics = tracking.system_metrics_available()
+    if not system_metrics:
+        warn("system metrics off: install psutil to record CPU, memory and GPU use")
+    tags = {"dataset_sha256": dataset_sha256, "device": loop.describe(device), "architecture": conf.arch,
+            "system_metrics": "on" if system_metrics else "off (psutil not installed)"}
+    commit = git_commit()
+    if commit:
+        tags.update({"git_commit": commit, "mlflow.source.git.commit": commit})
+    if resumed is not None:
+        tags.update({"resumed_from": conf.resume_from, "resumed_checkpoint": resumed_path})
+
+    logger = None
+    saved_step = [progress.global_step if resumed is not None else -1]
+
+    def save_checkpoint(p):
+        logger.flush()
+        checkpoints.save(model, optimizer, p, conf)
+        saved_step[0] = p.global_step
+
+    # Signals are caught from before the run exists, so no window leaves it RUNNING.
+    with StopSignals() as stop:
+        run = mlflow.start_run(run_name=conf.run_name, tags=tags, log_system_metrics=system_metrics)
+        run_id = run.info.run_id
+        url = tracking.run_url(uri, experiment.experiment_id, run_id)
+        say(f"run {run_id} started: {url}")
+        try:
+            logger = tracking.MetricLogger(run_id)
+            mlflow.log_params(params_of(conf, device, model, train_split, test_split))
+            mlflow.log_text(architectures.summary(model, conf.arch), "model_summary.txt")
+            evaluation = fit(model, optimizer, train_split, test_split, conf, device, progress,
+                             logger, stop, on_epoch_end=save_checkpoint)
+            if stop():
+                raise loop.StopRequested()
+            if evaluation is None:
+                evaluation = loop.evaluate(model, test_split, device)
+            logger.flush()
+            version, decision = publish(model, evaluation, test_split, conf, run_id, dataset_sha256)
+        except loop.StopRequested:
+            if saved_step[0] != progress.global_step:
+                try:
+                    save_checkpoint(progress)
+                except Exception as error:  # noqa: BLE001 - the run must still end KILLED
+                    warn(f"could not save the final checkpoint: {error}")
+            tracking.end_run("KILLED")
+            say(f"stopped by {stop.received} at global step {progress.global_step}; "
+                f"continue with --resume-from {run_id}")
+            say(f"run: {url}\nversion: none\npromoted: no (stopped by {stop.received})")
+            return EXIT_SIGNAL[stop.received]
+        except KeyboardInterrupt:
+            tracking.end_run("KILLED")
+            warn(f"stopped at once; run {url} marked KILLED")
+            return EXIT_SIGNAL["SIGINT"]
+        except BaseException:
+            tracking.end_run("FAILED")
+            warn(f"run {url} marked FAILED")
+            raise
+        tracking.end_run("FINISHED")
+    say(f"run: {url}")
+    say(f"version: {version}")
+    say(f"promoted: {'yes' if decision.promoted else 'no'} ({decision.reason})")
+    return 0
+
+
+def main(argv=None):
+    conf = cfg.load(argv)
+    try:
+        device = loop.pick_device(conf.device)
+    except ConfigError as error:
+        warn(f"python -m trainer: error: {error}")
+        return EXIT_CONFIG
+    try:
+        train_split, test_split = data.load(conf.data_dir, conf.download)
+        dataset_sha256 = data.checksum(conf.data_dir)
+        train_split = data.take(train_split, conf.max_train_samples).to(device)
+        test_split = data.take(test_split, conf.max_test_samples).to(device)
+        say(f"data: {len(train_split)} train / {len(test_split)} test images from "
+            f"{data.raw_dir(conf.data_dir)}; device {loop.describe(device)}")
+        if not conf.tracking:
+            return run_untracked(conf, device, train_split, test_split)
+        return run_tracked(conf, device, train_split, test_split, dataset_sha256)
+    except checkpoints.CheckpointError as error:
+        warn(f"python -m trainer: error: {error}")
+        return EXIT_CONFIG
+    except (data.DataError, tracking.TrackingUnavailable, loop.TrainingDiverged, registry.RegistryError) as error:
+        warn(f"error: {error}")
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
