@@ -1,0 +1,153 @@
+"""The container's process model for real: docker/serving/entrypoint.sh -> gunicorn with
+two uvicorn workers on a free loopback port, driven over HTTP like a client would."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from serving_helpers import ONE_IMAGE_BODY, wait_until
+
+ROOT = Path(__file__).resolve().parents[3]
+ENTRYPOINT = ROOT / "docker" / "serving" / "entrypoint.sh"
+JSON = {"content-type": "application/json"}
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(registry, tmp_path):
+    name = registry.new_model("good-a", "good-b")
+    port = free_port()
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(ROOT),
+        "MLFLOW_TRACKING_URI": registry.tracking_uri,
+        "MODEL_NAME": name,
+        "ALIAS_POLL_SECONDS": "0.5",
+        "SERVING_WORKERS": "2",
+        "SERVING_CONTAINER_PORT": str(port),
+        "SERVING_BIND_HOST": "127.0.0.1",
+        "SERVING_CACHE_DIR": str(tmp_path / "cache"),
+        "SERVING_GRACEFUL_TIMEOUT": "10",
+    }
+    log_path = tmp_path / "serving.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            ["sh", str(ENTRYPOINT)], env=env, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        yield proc, base, name, env, log_path
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+def healthy(env):
+    check = subprocess.run(
+        [sys.executable, "-m", "serving.healthcheck"], env=env, capture_output=True, timeout=10
+    )
+    return check.returncode == 0
+
+
+def consecutive(url, version, count):
+    """True once `count` requests in a row are answered by `version` (new connections
+    each, so that both workers get asked)."""
+    for _ in range(count):
+        r = requests.post(url, data=ONE_IMAGE_BODY, headers=JSON, timeout=10)
+        if r.status_code != 200 or r.headers.get("x-model-version") != version:
+            return False
+    return True
+
+
+def test_container_process_waits_serves_follows_and_stops(registry, server):
+    proc, base, name, env, log_path = server
+    invocations = f"{base}/invocations"
+
+    # Up and healthy before any model exists, saying what it waits for.
+    wait_until(lambda: healthy(env), timeout=60, interval=0.2, what="healthcheck to pass")
+    waiting = requests.post(invocations, data=ONE_IMAGE_BODY, headers=JSON, timeout=10)
+    assert waiting.status_code == 503
+    assert f"models:/{name}@production" in waiting.json()["message"]
+    wait_until(
+        lambda: f"waiting for models:/{name}@production" in log_path.read_text(),
+        timeout=30, what="waiting message in the log",
+    )
+
+    registry.point(name, 1)
+    wait_until(lambda: consecutive(invocations, "1", 20), timeout=60, what="both workers on v1")
+    assert healthy(env)
+
+    # Clients keep calling while the alias moves; none of them may see a failure.
+    results, stop = [], threading.Event()
+
+    def client():
+        with requests.Session() as session:
+            while not stop.is_set() and len(results) < 50000:
+                try:
+                    r = session.post(invocations, data=ONE_IMAGE_BODY, headers=JSON, timeout=10)
+                    results.append((r.status_code, r.headers.get("x-model-version")))
+                except requests.RequestException as e:
+                    results.append((repr(e), None))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: len(results) >= 100, timeout=30, what="traffic on v1")
+        registry.point(name, 2)
+        wait_until(
+            lambda: [v for _, v in results[-40:]] == ["2"] * 40,
+            timeout=60, what="all answers from v2",
+        )
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    failures = [r for r in results if r[0] != 200]
+    assert not failures, failures[:5]
+    assert {v for _, v in results} == {"1", "2"}
+    print(f"\n{len(results)} requests over HTTP while the alias moved, none failed")
+
+    # A body over SERVING_MAX_BODY_BYTES (8 MiB) is refused, and the client reads the 413.
+    big = requests.post(invocations, data=b"0" * 10_000_000, headers=JSON, timeout=30)
+    assert big.status_code == 413
+    assert "SERVING_MAX_BODY_BYTES" in big.json()["message"]
+
+    # SIGTERM (docker stop) ends the server cleanly.
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    assert time.monotonic() - started < 15
+    log = log_path.read_text()
+    assert "Traceback" not in log, log[-3000:]
+
+
+def test_nonsense_settings_fail_at_start_with_one_line(tmp_path):
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PYTHONPATH": str(ROOT),
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+        "MODEL_NAME": "fashion",
+        "SERVING_WORKERS": "many",
+    }
+    run = subprocess.run(["sh", str(ENTRYPOINT)], env=env, capture_output=True, text=True, timeout=30)
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines() == [
+        "serving: SERVING_WORKERS='many' is not valid: expected an integer from 1 to 64"
+    ]
