@@ -1,0 +1,69 @@
+"""Serving settings: defaults, and a one-line error for each value that cannot work."""
+
+import pytest
+
+from serving import config
+
+REQUIRED = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "MODEL_NAME": "fashion-mnist-cnn"}
+
+
+def test_defaults():
+    s = config.from_env(REQUIRED)
+    assert s.model_uri == "models:/fashion-mnist-cnn@production"
+    assert s.poll_seconds == 5.0
+    assert s.workers == 2
+    assert s.max_body_bytes == 8 * 1024 * 1024
+    assert s.cache_dir == "/tmp/serving-cache"
+    assert s.torch_threads == 1
+    assert s.bind == "0.0.0.0:8080"
+
+
+def test_values_are_read():
+    s = config.from_env(
+        {
+            **REQUIRED,
+            "MODEL_ALIAS": "staging",
+            "ALIAS_POLL_SECONDS": "1",
+            "SERVING_WORKERS": "4",
+            "SERVING_MAX_BODY_BYTES": "1048576",
+            "SERVING_CACHE_DIR": "/tmp/models",
+            "SERVING_TORCH_THREADS": "2",
+            "SERVING_CONTAINER_PORT": "9000",
+        }
+    )
+    assert (s.model_alias, s.poll_seconds, s.workers, s.max_body_bytes) == ("staging", 1.0, 4, 1048576)
+    assert (s.cache_dir, s.torch_threads, s.port) == ("/tmp/models", 2, 9000)
+
+
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("MLFLOW_TRACKING_URI", ""),
+        ("MLFLOW_TRACKING_URI", "mlflow:5000"),
+        ("MODEL_NAME", ""),
+        ("MODEL_ALIAS", "prod uction"),
+        ("MODEL_ALIAS", "latest"),
+        ("MODEL_ALIAS", "v3"),
+        ("ALIAS_POLL_SECONDS", "soon"),
+        ("ALIAS_POLL_SECONDS", "0"),
+        ("ALIAS_POLL_SECONDS", "-5"),
+        ("ALIAS_POLL_SECONDS", "nan"),
+        ("SERVING_WORKERS", "0"),
+        ("SERVING_WORKERS", "2.5"),
+        ("SERVING_MAX_BODY_BYTES", "8MiB"),
+        ("SERVING_MAX_BODY_BYTES", "10"),
+        ("SERVING_CACHE_DIR", "relative/cache"),
+        ("SERVING_TORCH_THREADS", "0"),
+        ("SERVING_CONTAINER_PORT", "70000"),
+    ],
+)
+def test_nonsense_is_one_line_naming_the_setting(name, value):
+    with pytest.raises(config.ConfigError) as e:
+        config.from_env({**REQUIRED, name: value})
+    message = str(e.value)
+    assert name in message and "\n" not in message
+
+
+def test_credentials_never_shown():
+    assert config.safe_uri("http://serving:s3cret@mlflow:5000/") == "http://mlflow:5000/"
+    assert config.safe_uri("http://mlflow:5000") == "http://mlflow:5000"
