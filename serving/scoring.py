@@ -16,6 +16,7 @@ from typing import NamedTuple
 import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import scoring_server
+from mlflow.pyfunc.utils.serving_data_parser import SUPPORTED_LLM_FORMATS
 
 log = logging.getLogger("serving")
 
@@ -23,6 +24,13 @@ log = logging.getLogger("serving")
 MAX_MESSAGE_CHARS = 2000
 _UNEXPECTED_LOG_INTERVAL = 10.0
 _last_unexpected_log = 0.0
+
+# Keys that change how MLflow's server reads a body. A body with "inputs" and none of
+# these is read as the "inputs" tensor alone (other keys, e.g. "labels", are ignored there
+# too), so it can take the direct path.
+_OTHER_MEANINGFUL_KEYS = (
+    scoring_server.SUPPORTED_FORMATS | SUPPORTED_LLM_FORMATS | {scoring_server.SERVING_PARAMS_KEY}
+) - {scoring_server.INPUTS}
 
 JSON_TYPE = b"application/json"
 ERROR_CODES = {
@@ -107,7 +115,12 @@ def score_json(model, body: bytes) -> Reply | None:
         # RecursionError absurdly deep nesting. MLflow's app would answer 500 for the last two.
         return error_reply(400, f"The body is not valid JSON: {type(e).__name__}: {e}")
     spec = model.input_spec
-    if spec is None or type(document) is not dict or document.keys() != {"inputs"}:
+    if (
+        spec is None
+        or type(document) is not dict
+        or "inputs" not in document
+        or not _OTHER_MEANINGFUL_KEYS.isdisjoint(document)
+    ):
         return None
     try:
         data = np.asarray(document["inputs"], dtype=spec.type)
