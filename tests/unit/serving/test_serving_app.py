@@ -104,6 +104,9 @@ def test_alias_move_swaps_without_failing_a_request(registry, make_app):
                 r = await post_json(app, ONE_IMAGE_BODY)
                 body = r.json()
                 results.append((n, r.version, r.status, body.get("predictions")))
+                # In-process calls never wait on a socket; yield as a network round trip
+                # would, so the other clients and the test itself get their turn.
+                await asyncio.sleep(0)
 
         tasks = [asyncio.create_task(client(n)) for n in range(8)]
         await async_wait_until(lambda: len(results) >= 50, what="traffic on version 1")
@@ -285,6 +288,18 @@ BAD_INPUTS = {
         _json({"dataframe_split": {"columns": ["a"], "data": [[1]]}}),
         "application/json",
     ),
+    "nesting deeper than numpy allows": (
+        b'{"inputs": ' + b"[" * 100 + b"0.5" + b"]" * 100 + b"}",
+        "application/json",
+    ),
+    "instances null": (b'{"instances": null}', "application/json"),
+    "instances of records": (_json({"instances": [{"a": 1}]}), "application/json"),
+    "dataframe_split not an object": (b'{"dataframe_split": 5}', "application/json"),
+    "dataframe_split without data": (_json({"dataframe_split": {"columns": 1}}), "application/json"),
+    "dataframe_records not a list": (b'{"dataframe_records": "x"}', "application/json"),
+    "only params": (b'{"params": {}}', "application/json"),
+    "chat messages": (b'{"messages": 1}', "application/json"),
+    "completion prompt": (b'{"prompt": null}', "application/json"),
     "unsupported content type": (_json({"inputs": _image()}), "text/plain"),
     "unsupported charset": (_json({"inputs": _image()}), "application/json; charset=latin-1"),
     "unknown content-type parameter": (_json({"inputs": _image()}), "application/json; x=y"),
@@ -323,8 +338,13 @@ def test_specific_status_codes(served):
 
 def test_other_mlflow_formats_still_served(served):
     image = _image()
+
     async def scenario():
-        for document in ({"instances": image}, {"inputs": image, "params": {}}):
+        for document in (
+            {"instances": image},
+            {"inputs": image, "params": {}},
+            {"inputs": image, "labels": [3]},  # what `python -m trainer.sample` prints
+        ):
             r = await post_json(served, _json(document))
             assert r.status == 200, r.body[:300]
             assert np.array(r.json()["predictions"]).shape == (1, 10)
