@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds local stand-ins for every image the stack would otherwise pull, from Debian packages
 # and the npm registry only, so that `docker compose` works where no container registry can be
-# reached. An image that already exists is kept unless --force is given.
+# reached. An image that already exists is kept; --force rebuilds it without the build cache.
 #
 #   docker/offline/build-images.sh [--force] [base|postgres|s3 ...]
 #
@@ -61,7 +61,14 @@ needs_build() { $force || ! have_image "$1"; }
 
 build_base() {
   command -v debootstrap >/dev/null || die "debootstrap is missing (apt-get install debootstrap)"
-  ((EUID == 0)) || die "building the base image needs root (debootstrap); run with sudo"
+  if ((EUID != 0)); then
+    # debootstrap creates device nodes and root-owned files: only this step needs root.
+    command -v sudo >/dev/null || die "building the base image needs root (debootstrap)"
+    log "debootstrap needs root; asking sudo"
+    sudo --preserve-env=OFFLINE_BASE_IMAGE,DEBIAN_MIRROR,DEBIAN_SECURITY_MIRROR,TMPDIR \
+      "${BASH_SOURCE[0]}" --force base
+    return
+  fi
   case $DEBIAN_MIRROR in
     http://*) ;;
     *) die "DEBIAN_MIRROR must be plain http:// (apt checks signatures; images have no CA store yet)" ;;
@@ -117,6 +124,8 @@ build_dockerfile() { # image context
   local image=$1 context=$2
   have_image "$OFFLINE_BASE_IMAGE" || die "$OFFLINE_BASE_IMAGE is missing; build 'base' first"
   local args=(--tag "$image" --build-arg "BASE_IMAGE=$OFFLINE_BASE_IMAGE" --progress plain)
+  # A forced rebuild should fetch today's packages, not replay cached layers.
+  ! $force || args+=(--no-cache)
   if [[ -n $BUILD_CA_BUNDLE ]]; then
     [[ -r $BUILD_CA_BUNDLE ]] || die "BUILD_CA_BUNDLE=$BUILD_CA_BUNDLE is not a readable file"
     args+=(--secret "id=ca_bundle,src=$BUILD_CA_BUNDLE")
@@ -127,6 +136,9 @@ build_dockerfile() { # image context
   out=$(mktemp "${TMPDIR:-/tmp}/offline-build.XXXXXX")
   if ! docker build "${args[@]}" "$context" >"$out" 2>&1; then
     tail -n 40 "$out" >&2
+    if grep -qiE 'certificate|CERT_' "$out"; then
+      log "hint: behind a TLS-inspecting proxy? Set BUILD_CA_BUNDLE to a PEM file with its CA."
+    fi
     rm -f "$out"
     die "building $image failed"
   fi
