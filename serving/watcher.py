@@ -82,6 +82,8 @@ class AliasWatcher:
         self._registry_errors = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._torch_limited = False
+        self.torch_threads: int | None = None  # as torch reports it once limited
         self._wait_log = _RepeatLimiter()
         self._error_log = _RepeatLimiter()
 
@@ -104,7 +106,6 @@ class AliasWatcher:
         return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
-        self._limit_torch_threads()
         delay = 0.0
         while not self._stop.wait(delay):
             try:
@@ -118,9 +119,11 @@ class AliasWatcher:
                 self.polls += 1
 
     def _limit_torch_threads(self) -> None:
-        # Before the first model loads: workers x threads must not exceed the cores.
-        if importlib.util.find_spec("torch") is None:
+        # Once, before the first model loads (not at start, so that the first look at the
+        # registry is not delayed by importing torch): workers x threads <= cores.
+        if self._torch_limited or importlib.util.find_spec("torch") is None:
             return
+        self._torch_limited = True
         import torch
 
         torch.set_num_threads(self.settings.torch_threads)
@@ -128,6 +131,7 @@ class AliasWatcher:
             torch.set_num_interop_threads(1)
         except RuntimeError:
             pass  # already fixed by earlier torch work in this process
+        self.torch_threads = torch.get_num_threads()
 
     # -- one look at the registry ----------------------------------------------------------
 
@@ -226,6 +230,7 @@ class AliasWatcher:
         from serving.scoring import check_answers
 
         s = self.settings
+        self._limit_torch_threads()
         started = time.monotonic()
         log.info("%s now points at version %s: preparing it", s.model_uri, target.version)
         step = "download"
@@ -295,6 +300,7 @@ class AliasWatcher:
                 round(max(failure.retry_at - time.monotonic(), 0.0), 1) if failure else None
             ),
             "poll_interval_seconds": s.poll_seconds,
+            "torch_threads": self.torch_threads,
             "watcher_alive": self.alive,
             "worker_pid": os.getpid(),
         }

@@ -91,6 +91,8 @@ def test_container_process_waits_serves_follows_and_stops(registry, server):
     registry.point(name, 1)
     wait_until(lambda: consecutive(invocations, "1", 20), timeout=60, what="both workers on v1")
     assert healthy(env)
+    status = requests.get(f"{base}/status", timeout=10).json()
+    assert status["state"] == "serving" and status["torch_threads"] == 1
 
     # Clients keep calling while the alias moves; none of them may see a failure.
     results, stop = [], threading.Event()
