@@ -86,7 +86,7 @@ def real(low, high, low_inclusive=True):
             raise ConfigError(f"a number in {bracket}{low:g}, {high:g}]")
         return value
 
-    check.accepted = f"{'[' if low_inclusive else '('}{low:g}, {high:g}]"
+    check.accepted = f"{low:g} {'<=' if low_inclusive else '<'} value <= {high:g}"
     return check
 
 
@@ -136,6 +136,9 @@ def directory(text):
     return path
 
 
+directory.accepted = "a directory"
+
+
 def tracking_uri(text):
     if text == "":
         return None
@@ -146,6 +149,9 @@ def tracking_uri(text):
     if scheme in ("http", "https") and not re.match(r"^https?://[^/\s]+", text):
         raise ConfigError("a tracking URI such as http://host:5000")
     return text
+
+
+tracking_uri.accepted = "http(s)://host:port, sqlite:///file.db, ..."
 
 
 def non_empty(limit):
@@ -217,6 +223,11 @@ BOOLEAN_FLAGS = {"--no-download", "--no-tracking"}
 
 
 class OneLineParser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        # Prefix matching would take --epoch for --epochs; a typo should be an error.
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
         # argparse prints usage plus an error; one line is easier to spot in compose logs.
         print(f"{self.prog}: error: {message}", file=sys.stderr)
@@ -225,7 +236,7 @@ class OneLineParser(argparse.ArgumentParser):
 
 def accepted(option):
     if option.check is boolean:
-        return "a flag; env 1/0"
+        return "env value 1/0, true/false, yes/no"
     return getattr(option.check, "accepted", "")
 
 
@@ -241,7 +252,7 @@ def build_parser(environ):
     for option in OPTIONS:
         current = environ.get(option.env, option.default) if option.env else option.default
         shown = current if current != "" else "unset"
-        help_text = f"{option.help} [{accepted(option)}; env {option.env}={shown}]"
+        help_text = f"{option.help} ({accepted(option)}; env {option.env}={shown})"
         if option.flag in BOOLEAN_FLAGS:
             parser.add_argument(option.flag, action="store_const", const="1", default=None,
                                 dest=option.dest, help=help_text)

@@ -1,7 +1,4 @@
-"""python -m trainer: train a FashionMNIST classifier, log it to MLflow, register it and
-apply the promotion policy.
-
-The job, top to bottom: check the flags; load the data; reach the tracking server; start
+"""The training job behind `python -m trainer`, top to bottom: check the flags; load the data; reach the tracking server; start
 a run; train and evaluate epoch by epoch with a checkpoint after each; log the served
 model and the evaluation artifacts; register a version; move the alias per policy; print
 the run URL, the version and whether it was promoted.
@@ -17,7 +14,7 @@ from pathlib import Path
 import mlflow
 import torch
 
-from trainer import architectures, checkpoints, config as cfg, data, export, loop, registry, report, tracking
+from trainer import architectures, checkpoints, data, export, loop, registry, report, tracking
 from trainer.config import ConfigError
 
 EXIT_FAILED = 1
@@ -239,8 +236,8 @@ def run_tracked(conf, device, train_split, test_split, dataset_sha256):
     return 0
 
 
-def main(argv=None):
-    conf = cfg.load(argv)
+def run(conf):
+    """Run the job for a checked Config; return the process exit status."""
     try:
         device = loop.pick_device(conf.device)
     except ConfigError as error:
@@ -262,7 +259,3 @@ def main(argv=None):
     except (data.DataError, tracking.TrackingUnavailable, loop.TrainingDiverged, registry.RegistryError) as error:
         warn(f"error: {error}")
         return EXIT_FAILED
-
-
-if __name__ == "__main__":
-    sys.exit(main())

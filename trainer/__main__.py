@@ -1,0 +1,19 @@
+"""python -m trainer: train a FashionMNIST classifier, log it to MLflow, register it and
+apply the promotion policy. `python -m trainer --help` lists every flag."""
+
+import sys
+
+from trainer import config
+
+
+def main(argv=None):
+    conf = config.load(argv)
+    # Imported after the flags are checked: --help and a typo answer in a blink instead
+    # of after loading torch and mlflow.
+    from trainer import job
+
+    return job.run(conf)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
