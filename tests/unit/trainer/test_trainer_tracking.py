@@ -1,0 +1,199 @@
+"""The logging contract against a local MLflow store: what a user finds after a run."""
+
+import contextlib
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from trainer import config, data
+
+ROOT = Path(__file__).resolve().parents[3]
+EPOCHS, BATCH, LOG_EVERY = 2, 64, 2
+STEPS_PER_EPOCH = 8  # 512 generated training images / batch 64
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory, data_dir, empty_store):
+    """One tracked run of 2 epochs in a fresh store, shared by the contract tests."""
+    from conftest import Result, fresh_store
+    from trainer.__main__ import main
+
+    root = tmp_path_factory.mktemp("store")
+    uri = fresh_store(empty_store, root)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = main(["--data-dir", str(data_dir), "--epochs", str(EPOCHS), "--batch-size", str(BATCH),
+                         "--log-every", str(LOG_EVERY), "--run-name", "contract"])
+        result = Result(code, out.getvalue(), "")
+        assert result.code == 0, result.out
+        yield {"uri": uri, "root": root, "result": result, "client": MlflowClient(uri)}
+
+
+@pytest.fixture
+def client(first, monkeypatch):
+    monkeypatch.chdir(first["root"])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", first["uri"])
+    mlflow.set_tracking_uri(first["uri"])
+    return first["client"]
+
+
+def run_of(first):
+    return first["client"].get_run(first["result"].run_id)
+
+
+def test_last_lines_say_run_version_and_promotion(first):
+    summary = first["result"].summary
+    assert summary == {"run": f"runs:/{first['result'].run_id}", "version": "1",
+                       "promoted": "yes (no version held the alias)"}
+
+
+def test_run_finished_with_every_flag_as_a_parameter(first):
+    run = run_of(first)
+    assert run.info.status == "FINISHED"
+    params = run.data.params
+    for option in config.OPTIONS:
+        if option.dest not in ("no_tracking", "tracking_uri", "no_download"):
+            assert option.dest in params, option.dest
+    assert params["epochs"] == "2" and params["arch"] == "small-cnn" and params["device"] == "cpu"
+    assert params["train_samples"] == "512" and params["steps_per_epoch"] == str(STEPS_PER_EPOCH)
+
+
+def test_tags_record_dataset_device_and_registration(first):
+    tags = run_of(first).data.tags
+    assert tags["dataset_sha256"] == data.checksum(tags_data_dir(first))
+    assert tags["device"].startswith("cpu")
+    assert tags["registered_version"] == "1" and tags["promoted"] == "yes"
+    assert tags.get("git_commit") == tags.get("mlflow.source.git.commit")
+
+
+def tags_data_dir(first):
+    return Path(run_of(first).data.params["data_dir"])
+
+
+def test_metrics_carry_global_steps(client, first):
+    run_id = first["result"].run_id
+    total = EPOCHS * STEPS_PER_EPOCH
+    for key in ("train_loss", "train_accuracy", "train_images_per_sec", "lr"):
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert sorted(steps) == list(range(LOG_EVERY, total + 1, LOG_EVERY)), key
+    for key in ("eval_loss", "eval_accuracy", "epoch", "epoch_seconds"):
+        steps = [m.step for m in client.get_metric_history(run_id, key)]
+        assert sorted(steps) == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH], key
+    assert 0.0 <= run_of(first).data.metrics["eval_accuracy"] <= 1.0
+
+
+def test_artifacts_summary_confusion_matrix_table_and_checkpoints(client, first):
+    run_id = first["result"].run_id
+    top = {a.path for a in client.list_artifacts(run_id)}
+    assert {"model_summary.txt", "confusion_matrix.png", "per_class_accuracy.json", "checkpoints"} <= top
+    checkpoints = sorted(a.path for a in client.list_artifacts(run_id, "checkpoints"))
+    assert checkpoints == ["checkpoints/epoch-001-step-000000008.pt", "checkpoints/epoch-002-step-000000016.pt"]
+    local = Path(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="per_class_accuracy.json"))
+    table = json.loads(local.read_text())
+    assert [row[0] for row in table["data"]] == list(data.CLASSES)
+    summary = mlflow.artifacts.load_text(f"runs:/{run_id}/model_summary.txt")
+    assert "total parameters" in summary and "BatchNorm2d" in summary
+
+
+def test_model_has_signature_example_metadata_and_pinned_requirements(client, first):
+    info = mlflow.models.get_model_info("models:/fashion-mnist-cnn/1")
+    (inputs,), (outputs,) = info.signature.inputs.inputs, info.signature.outputs.inputs
+    assert (inputs.type, tuple(inputs.shape)) == (np.dtype("float32"), (-1, 1, 28, 28))
+    assert (outputs.type, tuple(outputs.shape)) == (np.dtype("float32"), (-1, 10))
+    assert info.saved_input_example_info is not None
+    assert info.metadata["classes"] == list(data.CLASSES)
+    local = Path(mlflow.artifacts.download_artifacts("models:/fashion-mnist-cnn/1"))
+    requirements = (local / "requirements.txt").read_text().split()
+    assert {r.split("==")[0] for r in requirements} >= {"mlflow", "torch", "numpy"}
+    assert all("==" in r for r in requirements if not r.startswith("-"))
+
+
+def test_registered_version_holds_the_alias_and_records_the_decision(client, first):
+    version = client.get_model_version_by_alias("fashion-mnist-cnn", "production")
+    assert str(version.version) == "1"
+    assert version.tags["run_id"] == first["result"].run_id
+    assert version.tags["promotion.decision"] == "promoted"
+    assert float(version.tags["eval_accuracy"]) == pytest.approx(run_of(first).data.metrics["eval_accuracy"], abs=1e-6)
+
+
+def test_served_model_loads_without_trainer_or_torchvision(first, tmp_path):
+    """What the serving container does: pyfunc.load_model with torch, numpy, mlflow only."""
+    script = """
+import builtins, sys
+real = builtins.__import__
+def guarded(name, *args, **kwargs):
+    if name.split(".")[0] in ("torchvision", "trainer"):
+        raise ImportError("the serving image has no " + name)
+    return real(name, *args, **kwargs)
+builtins.__import__ = guarded
+import mlflow, numpy as np
+model = mlflow.pyfunc.load_model("models:/fashion-mnist-cnn@production")
+x = np.random.default_rng(0).random((3, 1, 28, 28), dtype=np.float32)
+p = model.predict(x)
+print(p.dtype, p.shape, float(abs(p.sum(axis=1) - 1).max()) < 1e-5)
+"""
+    env = {"PATH": "/usr/bin:/bin", "MLFLOW_TRACKING_URI": first["uri"], "HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env,
+                            cwd=first["root"], timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().splitlines()[-1] == "float32 (3, 10) True"
+
+
+@pytest.mark.parametrize("bad, message", [
+    (np.zeros((0, 1, 28, 28), np.float32), "the batch is empty"),
+    (np.full((2, 1, 28, 28), np.nan, np.float32), "NaN or infinite"),
+    (np.full((1, 1, 28, 28), np.inf, np.float32), "NaN or infinite"),
+    (np.full((1, 1, 28, 28), 255.0, np.float32), "pixel values must be in [0, 1]"),
+    (np.zeros((1, 28, 28), np.float32), "shape"),
+    (np.zeros((1, 1, 28, 27), np.float32), "shape"),
+])
+def test_bad_input_is_an_invalid_parameter_error(client, bad, message):
+    model = mlflow.pyfunc.load_model("models:/fashion-mnist-cnn@production")
+    with pytest.raises(MlflowException) as error:
+        model.predict(bad)
+    assert error.value.error_code == "INVALID_PARAMETER_VALUE"
+    assert message.lower() in str(error.value).lower()
+
+
+def test_if_better_keeps_the_alias_when_a_run_is_worse(client, train, first):
+    # Plain SGD at a tiny rate barely moves from random weights: certainly worse.
+    result = train("--epochs", "1", "--batch-size", "64", "--optimizer", "sgd", "--lr", "1e-6",
+                   "--lr-schedule", "constant", "--log-every", "4")
+    assert result.code == 0
+    assert result.summary["version"] == "2"
+    assert result.summary["promoted"].startswith("no (eval_accuracy ")
+    assert "of version 1" in result.summary["promoted"]
+    assert str(client.get_model_version_by_alias("fashion-mnist-cnn", "production").version) == "1"
+    tags = client.get_model_version("fashion-mnist-cnn", "2").tags
+    assert tags["promotion.decision"] == "not promoted"
+    assert tags["promotion.holder_version"] == "1"
+    assert float(tags["promotion.candidate_eval_accuracy"]) <= float(tags["promotion.holder_eval_accuracy"])
+
+
+def test_resume_continues_from_the_last_checkpoint_in_a_new_run(client, train, first):
+    first_id = first["result"].run_id
+    result = train("--epochs", "3", "--batch-size", str(BATCH), "--log-every", str(LOG_EVERY),
+                   "--resume-from", first_id, "--promotion-policy", "never")
+    assert result.code == 0, result.err
+    assert result.summary["promoted"] == "no (policy never)"
+    resumed = client.get_run(result.run_id)
+    assert result.run_id != first_id
+    assert resumed.data.tags["resumed_from"] == first_id
+    assert resumed.data.tags["resumed_checkpoint"] == "checkpoints/epoch-002-step-000000016.pt"
+    train_steps = [m.step for m in client.get_metric_history(result.run_id, "train_loss")]
+    assert sorted(train_steps) == list(range(2 * STEPS_PER_EPOCH + LOG_EVERY, 3 * STEPS_PER_EPOCH + 1, LOG_EVERY))
+    assert [m.step for m in client.get_metric_history(result.run_id, "eval_accuracy")] == [3 * STEPS_PER_EPOCH]
+    assert [a.path for a in client.list_artifacts(result.run_id, "checkpoints")] == [
+        "checkpoints/epoch-003-step-000000024.pt"]
