@@ -28,11 +28,11 @@ help: ## List the targets
 env: ## Write .env with fresh random secrets (or add what a newer .env.example introduced)
 	@scripts/env.sh $(ENV_FILE)
 
-offline-images: ## Build local stand-ins for every image compose would pull (no registry needed)
-	@docker/offline/build-images.sh
+offline-images: env ## Build local stand-ins for every image compose would pull (no registry needed)
+	@. scripts/dotenv.sh && docker/offline/build-images.sh
 
 build: env ## Build the stack's images (each once; later builds reuse the cache)
-	@if [[ "$(COMPOSE_FILES)" == *compose.offline.yaml* ]]; then docker/offline/build-images.sh; fi
+	@if [[ "$(COMPOSE_FILES)" == *compose.offline.yaml* ]]; then . scripts/dotenv.sh && docker/offline/build-images.sh; fi
 	@$(COMPOSE) --profile train build
 
 up: build ## Build, start detached, wait until healthy, print the URLs

@@ -32,7 +32,19 @@ def postgres_uri(database: str) -> str:
     password = quote(required("POSTGRES_PASSWORD"), safe="")
     host = optional("POSTGRES_HOST", "postgres")
     port = optional("POSTGRES_PORT", "5432")
-    return f"postgresql://{user}:{password}@{host}:{port}/{database}"
+    # psycopg2 named explicitly: SQLAlchemy's bare "postgresql" now means psycopg 3.
+    return f"postgresql+psycopg2://{user}:{password}@{host}:{port}/{database}"
+
+
+def postgres_params(database: str) -> dict:
+    """Keyword arguments for psycopg2.connect: no URI, so no parse error can echo a password."""
+    return {
+        "user": required("POSTGRES_USER"),
+        "password": required("POSTGRES_PASSWORD"),
+        "host": optional("POSTGRES_HOST", "postgres"),
+        "port": optional("POSTGRES_PORT", "5432"),
+        "dbname": database,
+    }
 
 
 def tracking_db() -> str:

@@ -8,7 +8,6 @@ runs its own migrations at start.
 from __future__ import annotations
 
 import os
-import subprocess
 import tempfile
 import time
 
@@ -23,7 +22,7 @@ def wait_for_postgres(deadline_s: float = 120) -> None:
     delay = 0.5
     while True:
         try:
-            psycopg2.connect(settings.postgres_uri(settings.tracking_db()), connect_timeout=5).close()
+            psycopg2.connect(**settings.postgres_params(settings.tracking_db()), connect_timeout=5).close()
             return
         except psycopg2.OperationalError as error:
             if time.monotonic() > deadline:
@@ -34,14 +33,17 @@ def wait_for_postgres(deadline_s: float = 120) -> None:
 
 def ensure_database(name: str) -> None:
     """Create a database when missing; also covers data volumes made by older versions."""
-    conn = psycopg2.connect(settings.postgres_uri(settings.tracking_db()))
+    conn = psycopg2.connect(**settings.postgres_params(settings.tracking_db()))
+    # CREATE DATABASE refuses to run inside a transaction; psycopg2's `with conn` opens one.
     conn.autocommit = True
-    with conn, conn.cursor() as cur:
-        cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-        if cur.fetchone() is None:
-            settings.log(f"creating database {name}")
-            cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    conn.close()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if cur.fetchone() is None:
+                settings.log(f"creating database {name}")
+                cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    finally:
+        conn.close()
 
 
 def write_auth_config() -> str:
@@ -79,14 +81,19 @@ def main() -> None:
     ensure_database(settings.auth_db())
     settings.log("upgrading the tracking schema (no-op when current)")
     tracking_uri = settings.postgres_uri(settings.tracking_db())
-    subprocess.run(["mlflow", "db", "upgrade", tracking_uri], check=True)
+    # The URI holds a password, so it never goes on a command line (ps, logs): the upgrade
+    # runs in this process through the CLI command's own function, the server reads the
+    # URI from its environment variable.
+    import mlflow.db
+
+    mlflow.db.upgrade.callback(tracking_uri)
+    os.environ["MLFLOW_BACKEND_STORE_URI"] = tracking_uri
     os.environ["MLFLOW_AUTH_CONFIG_PATH"] = write_auth_config()
 
     origins = settings.optional("MLFLOW_CORS_ORIGINS", "")
     args = [
         "mlflow", "server",
         "--app-name", "basic-auth",
-        "--backend-store-uri", tracking_uri,
         "--serve-artifacts",
         "--artifacts-destination", f"s3://{settings.bucket()}/artifacts",
         "--host", "0.0.0.0",
