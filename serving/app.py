@@ -67,6 +67,53 @@ def _media_type(value: bytes) -> tuple[str, dict[str, str]]:
     return mime.strip().lower(), params
 
 
+class _Batcher:
+    """Scores together the small tensor requests that reach one worker in the same turn
+    of its event loop: one predict call for all their rows, each request answered with
+    its own rows. It never waits for a batch to fill: a request waits only for the
+    requests that were already parsed beside it, and the batch is scored on the loop's
+    next turn. Requests holding different versions (during a swap) are scored apart."""
+
+    def __init__(self, max_rows: int):
+        self.max_rows = max_rows
+        self._pending: list = []
+        self.requests = 0  # requests scored in a batch of two or more
+        self.predict_calls = 0  # predict calls those batches took
+
+    def submit(self, model, data) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        if not self._pending:
+            loop.call_soon(self._flush)
+        self._pending.append((model, data, future))
+        return future
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        while pending:
+            model = pending[0][0]
+            batch, rest, rows = [], [], 0
+            for item in pending:
+                n = item[1].shape[0] if item[1].ndim else 1
+                if item[0] is model and (not batch or rows + n <= self.max_rows):
+                    batch.append(item)
+                    rows += n
+                else:
+                    rest.append(item)
+            pending = rest
+            if len(batch) > 1:
+                self.requests += len(batch)
+                self.predict_calls += 1
+            try:
+                replies = scoring.predict_batch(model, [data for _, data, _ in batch])
+            except Exception:  # a future left unresolved would hang its request for good
+                log.exception("scoring a batch failed")
+                replies = [error_reply(500, "Internal error while scoring")] * len(batch)
+            for (_, _, future), reply in zip(batch, replies):
+                if not future.cancelled():
+                    future.set_result(reply)
+
+
 class ServingApp:
     def __init__(self, settings: config.Settings, registry=None, store=None):
         self.settings = settings
@@ -75,6 +122,7 @@ class ServingApp:
         # parallel work, and workers x threads stay within the cores.
         self._executor: ThreadPoolExecutor | None = None
         self._name_header = [(b"x-model-name", settings.model_name.encode("latin-1", "replace"))]
+        self._batcher = _Batcher(settings.batch_max_rows) if settings.batch_max_rows > 1 else None
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -126,7 +174,7 @@ class ServingApp:
                 state = "serving" if model is not None else "waiting"
                 return await self._send(send, Reply(200, b'{"state": "%s"}' % state.encode()), model)
             if path == "/status":
-                body = json.dumps(self.watcher.status()).encode()
+                body = json.dumps(self._status(model)).encode()
                 return await self._send(send, Reply(200, body), model)
             if path == "/version":
                 from mlflow.version import VERSION
@@ -138,6 +186,17 @@ class ServingApp:
         body = await self._read_body(scope, receive, send, model)
         if body is not None:
             await self._forward(model, scope, receive, send, body)
+
+    def _status(self, model) -> dict:
+        status = self.watcher.status()
+        batcher = self._batcher
+        status["batching"] = {
+            "enabled": bool(batcher is not None and model is not None and model.batchable),
+            "max_rows": self.settings.batch_max_rows,
+            "batched_requests": batcher.requests if batcher else 0,
+            "batch_predict_calls": batcher.predict_calls if batcher else 0,
+        }
+        return status
 
     # -- /invocations ------------------------------------------------------------------------
 
@@ -171,7 +230,13 @@ class ServingApp:
             params.keys() <= {"charset"}
         ):
             if len(body) <= INLINE_MAX_BYTES:
-                reply = scoring.score_json(model, body)
+                data = scoring.parse_tensor_body(model, body)
+                if data is None or isinstance(data, Reply):
+                    reply = data
+                elif self._batcher is not None and model.batchable:
+                    reply = await self._batcher.submit(model, data)
+                else:
+                    reply = scoring.predict_reply(model, data)
             else:
                 loop = asyncio.get_running_loop()
                 reply = await loop.run_in_executor(self._executor, scoring.score_json, model, body)

@@ -35,6 +35,7 @@ class Settings:
     port: int = 8080
     bind_host: str = "0.0.0.0"
     graceful_timeout: int = 30
+    batch_max_rows: int = 32
 
     @property
     def model_uri(self) -> str:
@@ -110,6 +111,7 @@ def from_env(env=None) -> Settings:
         graceful_timeout=_number(
             env, "SERVING_GRACEFUL_TIMEOUT", 30, int, 1, 3600, " seconds"
         ),
+        batch_max_rows=_number(env, "SERVING_BATCH_MAX_ROWS", 32, int, 1, 4096),
     )
 
 

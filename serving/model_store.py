@@ -61,6 +61,7 @@ class LoadedModel:
     scoring_app: object  # MLflow's own scoring server (FastAPI) for this model
     input_spec: object | None  # the single TensorSpec input, when the signature has one
     loaded_at: float = field(default_factory=time.time)
+    batchable: bool = False  # set once rows_score_independently() has said so
     headers: list = field(default_factory=list)
 
     def __post_init__(self):

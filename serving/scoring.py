@@ -106,8 +106,9 @@ def predict_reply(model, data) -> Reply:
         return error_reply(500, "The model's output could not be written as JSON")
 
 
-def score_json(model, body: bytes) -> Reply | None:
-    """Answer a JSON body, or None when it is not a tensor `inputs` body for this model."""
+def parse_tensor_body(model, body: bytes):
+    """The `inputs` tensor of a JSON body as an array of the signature's dtype; a Reply
+    when the body is not JSON at all; None when MLflow's own parser should read it."""
     try:
         document = json.loads(body)
     except (ValueError, RecursionError) as e:
@@ -123,10 +124,37 @@ def score_json(model, body: bytes) -> Reply | None:
     ):
         return None
     try:
-        data = np.asarray(document["inputs"], dtype=spec.type)
+        return np.asarray(document["inputs"], dtype=spec.type)
     except (ValueError, TypeError, OverflowError):
         return None  # ragged or non-numeric: MLflow's parser words the error
+
+
+def score_json(model, body: bytes) -> Reply | None:
+    """Answer a JSON body, or None when it is not a tensor `inputs` body for this model."""
+    data = parse_tensor_body(model, body)
+    if data is None or isinstance(data, Reply):
+        return data
     return predict_reply(model, data)
+
+
+def predict_batch(model, arrays: list) -> list[Reply]:
+    """Answer several requests with one predict call on their rows stacked, as if each
+    had been scored alone. Any doubt (an error, output rows not matching input rows)
+    falls back to scoring them one by one, so one bad request cannot fail the others."""
+    if len(arrays) > 1 and model.batchable and all(a.ndim >= 2 and a.shape[1:] == arrays[0].shape[1:] for a in arrays):
+        try:
+            predictions = model.pyfunc.predict(np.concatenate(arrays))
+        except Exception:
+            predictions = None
+        counts = [len(a) for a in arrays]
+        if isinstance(predictions, np.ndarray) and predictions.ndim >= 1 and len(predictions) == sum(counts):
+            replies = []
+            start = 0
+            for n in counts:
+                replies.append(Reply(200, predictions_body(predictions[start : start + n])))
+                start += n
+            return replies
+    return [predict_reply(model, a) for a in arrays]
 
 
 def example_request(model) -> bytes | None:
@@ -184,6 +212,35 @@ def check_answers(model) -> None:
                 f"example request answered shape {list(values.shape)}, "
                 f"signature says {list(expected)}"
             )
+
+
+def rows_score_independently(model) -> bool:
+    """Whether stacking requests changes no one's answer, so that they may be batched:
+    the example scored alone must come out the same when scored beside other rows.
+    A model that normalises over the batch, or anything else that fails, says no."""
+    body = example_request(model)
+    data = parse_tensor_body(model, body) if body is not None else None
+    if not isinstance(data, np.ndarray) or data.ndim < 2 or not np.issubdtype(data.dtype, np.floating):
+        return False
+    # Different rows in the same range as the example (shifted, wrapped into [0, 1)).
+    other = np.mod(data + 0.25, 1.0).astype(data.dtype)
+    try:
+        alone = model.pyfunc.predict(data)
+        other_alone = model.pyfunc.predict(other)
+        together = model.pyfunc.predict(np.concatenate([data, other]))
+    except Exception:
+        return False
+    if not all(isinstance(p, np.ndarray) for p in (alone, other_alone, together)):
+        return False
+    n = len(data)
+    if together.shape != (2 * n, *alone.shape[1:]) or alone.shape != other_alone.shape:
+        return False
+    # Float kernels may round differently for another batch size; anything beyond that
+    # means the rows influence each other.
+    return bool(
+        np.allclose(together[:n], alone, rtol=1e-4, atol=1e-6)
+        and np.allclose(together[n:], other_alone, rtol=1e-4, atol=1e-6)
+    )
 
 
 def normalise_error(status: int, content_type: bytes, body: bytes) -> Reply:

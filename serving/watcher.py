@@ -227,7 +227,7 @@ class AliasWatcher:
         return f"still serving version {self.current.ref.version}"
 
     def _switch_to(self, target, store, failure: _Failure | None) -> None:
-        from serving.scoring import check_answers
+        from serving.scoring import check_answers, rows_score_independently
 
         s = self.settings
         self._limit_torch_threads()
@@ -240,6 +240,14 @@ class AliasWatcher:
             candidate = store.load(target, path)
             step = "check"
             check_answers(candidate)
+            if s.batch_max_rows > 1:
+                candidate.batchable = rows_score_independently(candidate)
+                if not candidate.batchable:
+                    log.warning(
+                        "version %s answers differently when requests are stacked; "
+                        "its requests are scored one by one",
+                        target.version,
+                    )
         except Exception as e:
             count = (failure.count if failure else 0) + 1
             delay = version_retry_delay(s.poll_seconds, count)
