@@ -62,6 +62,7 @@ def registry(tmp_path_factory):
         "no-example": ({"seed": 3}, None),  # validated with a zero image of the signature
         "broken-predict": ({"fail": "predict"}, None),
         "broken-load": ({"fail": "load"}, None),
+        "batch-coupled": ({"seed": 4, "couple": True}, example),
     }
     sources = {}
     for kind, (model_config, input_example) in kinds.items():

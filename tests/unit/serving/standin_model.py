@@ -1,7 +1,8 @@
 """A stand-in for the trainer's model, with the same contract: float32 [-1, 1, 28, 28] in
 [0, 1] in, float32 [-1, 10] softmax probabilities out, non-finite input refused with
 INVALID_PARAMETER_VALUE. Logged as "models from code"; `model_config` picks the weights
-(`seed`) or a way to break (`fail`: "load" or "predict")."""
+(`seed`), a way to break (`fail`: "load" or "predict"), or makes rows depend on each
+other (`couple`: normalises over the batch, so requests must not be stacked)."""
 
 import mlflow
 import numpy as np
@@ -12,6 +13,7 @@ class StandInClassifier(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         config = context.model_config or {}
         self.fail = config.get("fail")
+        self.couple = bool(config.get("couple"))
         if self.fail == "load":
             raise RuntimeError("stand-in refuses to load")
         rng = np.random.default_rng(int(config.get("seed", 0)))
@@ -23,6 +25,8 @@ class StandInClassifier(mlflow.pyfunc.PythonModel):
             raise MlflowException.invalid_parameter_value("input contains NaN or infinity")
         if self.fail == "predict":
             raise RuntimeError("stand-in cannot predict")
+        if self.couple:
+            x = x - x.mean(axis=0, keepdims=True)
         logits = x.reshape(len(x), -1) @ self.weights
         e = np.exp(logits - logits.max(axis=1, keepdims=True))
         return (e / e.sum(axis=1, keepdims=True)).astype(np.float32)

@@ -368,6 +368,47 @@ def test_fast_path_answers_like_mlflow(served):
     assert ours.body == theirs.body
 
 
+def test_concurrent_requests_are_batched_without_changing_answers(served):
+    """Requests parsed in the same loop turn share one predict call; each still gets its
+    own answer, and a bad one among them gets its own 400 without failing the others."""
+    rng = np.random.default_rng(1)
+    bodies = [_json({"inputs": rng.random((n, 1, 28, 28)).tolist()}) for n in (1, 1, 2, 1, 3)]
+    bad = BAD_INPUTS["NaN"][0]
+
+    async def scenario():
+        alone = [await post_json(served, b) for b in bodies]
+        before = (await call(served, "GET", "/status")).json()["batching"]
+        together = await asyncio.gather(*(post_json(served, b) for b in [*bodies, bad]))
+        after = (await call(served, "GET", "/status")).json()["batching"]
+        return alone, together, before, after
+
+    alone, together, before, after = asyncio.run(scenario())
+    assert after["enabled"] and after["max_rows"] == 32
+    assert after["batched_requests"] - before["batched_requests"] >= len(bodies)
+    for single, batched in zip(alone, together):
+        assert single.status == batched.status == 200
+        np.testing.assert_allclose(
+            batched.json()["predictions"], single.json()["predictions"], rtol=1e-5, atol=1e-7
+        )
+    assert together[-1].status == 400 and "NaN or infinity" in together[-1].json()["message"]
+
+
+def test_model_whose_rows_interact_is_not_batched(registry, make_app):
+    name = registry.new_model("batch-coupled")
+    registry.point(name, 1)
+    app = make_app(name)
+    wait_until(serving_version(app, 1), what="version 1 served")
+
+    async def scenario():
+        replies = await asyncio.gather(*(post_json(app, ONE_IMAGE_BODY) for _ in range(4)))
+        return replies, (await call(app, "GET", "/status")).json()["batching"]
+
+    replies, batching = asyncio.run(scenario())
+    assert not batching["enabled"] and batching["batched_requests"] == 0
+    # Scored one by one, every identical request gets the identical answer.
+    assert len({r.body for r in replies}) == 1 and replies[0].status == 200
+
+
 def test_body_over_limit_is_413(served):
     ten_mb = b'{"inputs": [' + b"0.5," * (10_000_000 // 4) + b"0.5]}"
     r = asyncio.run(post_json(served, ten_mb))

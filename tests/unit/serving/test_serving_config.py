@@ -16,6 +16,7 @@ def test_defaults():
     assert s.cache_dir == "/tmp/serving-cache"
     assert s.torch_threads == 1
     assert s.bind == "0.0.0.0:8080"
+    assert s.batch_max_rows == 32
 
 
 def test_values_are_read():
@@ -55,6 +56,7 @@ def test_values_are_read():
         ("SERVING_CACHE_DIR", "relative/cache"),
         ("SERVING_TORCH_THREADS", "0"),
         ("SERVING_CONTAINER_PORT", "70000"),
+        ("SERVING_BATCH_MAX_ROWS", "0"),
     ],
 )
 def test_nonsense_is_one_line_naming_the_setting(name, value):
