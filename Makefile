@@ -18,6 +18,8 @@ PYTHON ?= python3
 VENV := .venv
 VENV_STAMP := $(VENV)/.installed
 ARGS ?=
+# Tagged on every training run; baked into the trainer image at build time.
+export GIT_COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null)
 
 .PHONY: help env up down build offline-images train predict logs ps models promote rollback \
         test test-unit test-integration bench bench-trainer clean doctor lock

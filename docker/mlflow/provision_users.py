@@ -27,6 +27,19 @@ def ensure_user(auth, username: str, password: str) -> None:
     auth.update_user_password(username, password)
 
 
+def ensure_grant(auth, username: str, resource_type: str, resource_id: str, permission: str) -> None:
+    """Grant, or correct a grant made earlier with another level; a no-op when it matches."""
+    try:
+        auth.grant_user_permission(username, resource_type, resource_id, permission)
+        return
+    except RestException as error:
+        if error.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    if auth.get_user_permission(username, resource_type, resource_id).permission != permission:
+        auth.revoke_user_permission(username, resource_type, resource_id)
+        auth.grant_user_permission(username, resource_type, resource_id, permission)
+
+
 def ensure_experiment(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     if experiment is not None:
@@ -66,8 +79,8 @@ def main() -> None:
         (serving, "experiment", experiment_id, "READ"),
         (serving, "registered_model", model_name, "READ"),
     ]
-    for username, resource_type, resource_id, permission in grants:
-        auth.grant_user_permission(username, resource_type, resource_id, permission)
+    for grant in grants:
+        ensure_grant(auth, *grant)
     settings.log(f"users ready: {trainer} (edit), {serving} (read) on experiment "
                  f"{experiment_id} and model {model_name}")
 

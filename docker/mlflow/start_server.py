@@ -90,6 +90,9 @@ def main() -> None:
     os.environ["MLFLOW_BACKEND_STORE_URI"] = tracking_uri
     os.environ["MLFLOW_AUTH_CONFIG_PATH"] = write_auth_config()
 
+    # MLflow's background job runner serves GenAI features (scorers, trace rollups) that
+    # this stack does not use; it costs two processes polling the database.
+    os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     origins = settings.optional("MLFLOW_CORS_ORIGINS", "")
     args = [
         "mlflow", "server",
