@@ -124,8 +124,11 @@ def connect(tracking_uri, timeout_s, log=print, sleep=time.sleep, clock=time.mon
 
 
 def run_url(tracking_uri, experiment_id, run_id):
-    if is_http(tracking_uri):
-        return f"{redact(tracking_uri).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    # Inside compose the trainer reaches the server as http://mlflow:5000, a name only
+    # containers resolve; MLFLOW_UI_URL is the address people open in a browser.
+    base = os.environ.get("MLFLOW_UI_URL") or (tracking_uri if is_http(tracking_uri) else "")
+    if base:
+        return f"{redact(base).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
     return f"runs:/{run_id}"
 
 
