@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from trainer import data
 from trainer.config import ConfigError
 
-EVAL_BATCH_SIZE = 500
+EVAL_BATCH_SIZE = 1000
 
 
 class StopRequested(Exception):

@@ -74,6 +74,8 @@ def test_tags_record_dataset_device_and_registration(first):
     tags = run_of(first).data.tags
     assert tags["dataset_sha256"] == data.checksum(tags_data_dir(first))
     assert tags["device"].startswith("cpu")
+    # psutil is a dependency of the trainer: without it MLflow records no system metrics.
+    assert tags["system_metrics"] == "on"
     assert tags["registered_version"] == "1" and tags["promoted"] == "yes"
     assert tags.get("git_commit") == tags.get("mlflow.source.git.commit")
 
