@@ -43,10 +43,6 @@ class VersionRef:
     created_ms: int = 0
 
     @property
-    def uri(self) -> str:
-        return f"models:/{self.name}/{self.version}"
-
-    @property
     def cache_key(self) -> str:
         return f"v{self.version}-{self.created_ms}"
 
@@ -104,9 +100,10 @@ def input_tensor_spec(pyfunc):
 class ModelStore:
     """Downloads versions into SERVING_CACHE_DIR/<model>/<version>-<created> and loads them."""
 
-    def __init__(self, cache_dir: str, tracking_uri: str):
+    def __init__(self, cache_dir: str, tracking_uri: str, registry):
         self.cache_dir = cache_dir
         self.tracking_uri = tracking_uri
+        self.registry = registry
 
     def _model_dir(self, name: str) -> str:
         return os.path.join(self.cache_dir, re.sub(r"[^\w.\-]", "_", name))
@@ -119,27 +116,28 @@ class ModelStore:
             os.utime(final)  # marks it recently used, for prune()
             return final
         os.makedirs(base, mode=0o700, exist_ok=True)
+        # MLflow resolves a models:/NAME/VERSION URI through its global registry URI, not
+        # the one it is given; asking our own client for the version's artifact location
+        # keeps every call on the configured server.
+        source = self.registry.get_model_version_download_uri(ref.name, ref.version)
         partial = tempfile.mkdtemp(prefix=f".partial-{ref.cache_key}-", dir=base)
         try:
             local = mlflow.artifacts.download_artifacts(
-                artifact_uri=ref.uri,
+                artifact_uri=source,
                 dst_path=partial,
                 tracking_uri=self.tracking_uri,
                 registry_uri=self.tracking_uri,
             )
-            inner = os.path.relpath(local, partial)
-            if inner != ".":
-                raise RuntimeError(f"unexpected download layout: model landed in {inner!r}")
+            if not os.path.isfile(os.path.join(local, "MLmodel")):
+                raise RuntimeError(f"no MLmodel file in what {source} holds")
             try:
-                os.rename(partial, final)
+                os.rename(local, final)
             except OSError:
                 if not os.path.isdir(final):
                     raise
                 # Another worker finished the same version first; its copy is as good.
-                shutil.rmtree(partial, ignore_errors=True)
-        except BaseException:
+        finally:
             shutil.rmtree(partial, ignore_errors=True)
-            raise
         return final
 
     def load(self, ref: VersionRef, path: str) -> LoadedModel:

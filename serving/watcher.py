@@ -144,7 +144,9 @@ class AliasWatcher:
         if self._store is None:
             from serving.model_store import ModelStore
 
-            self._store = ModelStore(self.settings.cache_dir, self.settings.tracking_uri)
+            self._store = ModelStore(
+                self.settings.cache_dir, self.settings.tracking_uri, self._registry
+            )
         return self._registry, self._store
 
     def _set_error(self, message: str | None) -> None:
