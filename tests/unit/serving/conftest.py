@@ -1,5 +1,6 @@
 """A throwaway MLflow registry (sqlite + local artifacts) holding stand-in model versions."""
 
+import contextlib
 import os
 import sys
 import uuid
@@ -30,12 +31,30 @@ class StandInRegistry:
         name = f"fashion-{uuid.uuid4().hex[:8]}"
         self.client.create_registered_model(name)
         for kind in kinds:
-            source, run_id = self.sources[kind]
-            self.client.create_model_version(name, source=source, run_id=run_id)
+            self.add_version(name, kind)
         return name
+
+    def add_version(self, name, kind):
+        source, run_id = self.sources[kind]
+        # The registry looks the logged model (models:/m-...) up through MLflow's global
+        # tracking URI, whatever the client was given.
+        with _global_tracking_uri(self.tracking_uri):
+            return self.client.create_model_version(name, source=source, run_id=run_id)
 
     def point(self, name, version, alias="production"):
         self.client.set_registered_model_alias(name, alias, str(version))
+
+
+@contextlib.contextmanager
+def _global_tracking_uri(uri):
+    import mlflow
+
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(saved)  # None unsets it again
 
 
 @pytest.fixture(scope="session")
@@ -46,9 +65,6 @@ def registry(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root}/mlflow.db"
-    saved_uri = mlflow.get_tracking_uri() if "MLFLOW_TRACKING_URI" in os.environ else None
-    saved_env = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient(uri)
     experiment = client.create_experiment("stand-in", artifact_location=(root / "artifacts").as_uri())
     signature = ModelSignature(
@@ -65,22 +81,21 @@ def registry(tmp_path_factory):
         "batch-coupled": ({"seed": 4, "couple": True}, example),
     }
     sources = {}
-    for kind, (model_config, input_example) in kinds.items():
-        with mlflow.start_run(experiment_id=experiment) as run:
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(HERE / "standin_model.py"),
-                model_config=model_config,
-                signature=signature,
-                input_example=input_example,
-                pip_requirements=[],
-                metadata={"classes": [f"class-{i}" for i in range(10)]},
-            )
-        sources[kind] = (info.model_uri, run.info.run_id)
-    yield StandInRegistry(uri, client, sources)
-    if saved_env is None:
-        os.environ.pop("MLFLOW_TRACKING_URI", None)
-    else:
-        os.environ["MLFLOW_TRACKING_URI"] = saved_env
-    mlflow.set_tracking_uri(saved_uri)
+    # Logging goes through MLflow's global tracking URI (which also sets the environment
+    # variable); it is put back as soon as the models are logged, so that no other test
+    # and no subprocess sees this registry by accident.
+    with _global_tracking_uri(uri):
+        for kind, (model_config, input_example) in kinds.items():
+            with mlflow.start_run(experiment_id=experiment) as run:
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(HERE / "standin_model.py"),
+                    model_config=model_config,
+                    signature=signature,
+                    input_example=input_example,
+                    pip_requirements=[],
+                    metadata={"classes": [f"class-{i}" for i in range(10)]},
+                )
+            sources[kind] = (info.model_uri, run.info.run_id)
+    return StandInRegistry(uri, client, sources)
 

@@ -178,7 +178,7 @@ def test_broken_version_is_not_switched_to(registry, make_app, kind, step, reaso
     assert status(app)["version"] == "1"
 
     # A good version after the broken one is taken at once and clears the error.
-    registry.client.create_model_version(name, *registry.sources["good-b"])
+    registry.add_version(name, "good-b")
     registry.point(name, 3)
     wait_until(serving_version(app, 3), what="version 3 served")
     st = status(app)
@@ -204,6 +204,9 @@ class FlakyRegistry:
         if self.down:
             raise ConnectionError("Connection refused")
         return self.client.get_model_version_by_alias(name, alias)
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
 
 
 def test_tracking_server_down_keeps_serving(registry, make_app):
@@ -442,7 +445,7 @@ def test_watcher_keeps_cache_consistent_for_concurrent_workers(registry, tmp_pat
     name = registry.new_model("good-a")
     registry.point(name, 1)
     ref = resolve_alias(registry.client, name, "production")
-    stores = [ModelStore(str(tmp_path), registry.tracking_uri) for _ in range(2)]
+    stores = [ModelStore(str(tmp_path), registry.tracking_uri, registry.client) for _ in range(2)]
     paths, errors = [], []
     barrier = threading.Barrier(2)
 
