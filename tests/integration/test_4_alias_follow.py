@@ -1,0 +1,125 @@
+"""Serving follows @production by itself: no dropped request while it switches, no switch to
+a version that cannot answer, and `make rollback` brings the previous version back."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from stack import Stack, poll
+
+IMAGE = [[[0.0] * 28] * 28]
+# The client is bounded in both count and time, whatever happens to the stack.
+MAX_REQUESTS, MAX_SECONDS = 20_000, 600
+
+
+@dataclass
+class SteadyClient:
+    """Sends one-image requests back to back and records every outcome."""
+
+    url: str
+    answers: list[tuple[float, str]] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        session = requests.Session()
+        deadline = time.monotonic() + MAX_SECONDS
+        while not self.stop.is_set() and len(self.answers) + len(self.failures) < MAX_REQUESTS \
+                and time.monotonic() < deadline:
+            try:
+                response = session.post(self.url, json={"inputs": [IMAGE]}, timeout=30)
+                if response.status_code == 200 and len(response.json()["predictions"][0]) == 10:
+                    self.answers.append((time.monotonic(), response.headers.get("X-Model-Version", "?")))
+                else:
+                    self.failures.append(f"{response.status_code}: {response.text[:200]}")
+            except requests.RequestException as error:
+                self.failures.append(repr(error))
+
+    def first_answer_from(self, version: str, after: float) -> float | None:
+        return next((t for t, v in self.answers if v == version and t >= after), None)
+
+
+def models_cli(stack: Stack, *args: str):
+    """What `make promote`, `make rollback` and `make models` run."""
+    return stack.compose("run", "--rm", "--no-deps", "-T", "--entrypoint", "python", "trainer",
+                         "-m", "trainer.models", *args, check=False)
+
+
+def alias_version(client: MlflowClient, stack: Stack) -> str:
+    return client.get_model_version_by_alias(stack.env["MODEL_NAME"], stack.env["MODEL_ALIAS"]).version
+
+
+@pytest.fixture(scope="module")
+def versions(stack: Stack, trained, admin_client: MlflowClient):
+    """v1 is served; v2 is trained and promoted while a client keeps sending requests."""
+    stack.wait_served_version(trained["version"], timeout=180)
+    client = SteadyClient(f"{stack.serving_url}/invocations")
+    thread = threading.Thread(target=client.run, daemon=True)
+    thread.start()
+    try:
+        v2 = stack.train("--epochs", "1", "--batch-size", "32", "--promotion-policy", "always")
+        moved_at = time.monotonic()  # the trainer has exited, so the alias has moved
+        assert v2["promoted"].startswith("yes"), v2
+        assert alias_version(admin_client, stack) == v2["version"]
+        poll("a response from the new version", lambda: client.first_answer_from(v2["version"], 0), timeout=60)
+        # Keep the client running a little past the switch, so in-flight overlap is covered.
+        poll("more answers after the switch",
+             lambda: sum(1 for t, _ in client.answers if t > moved_at) > 50, timeout=60)
+    finally:
+        client.stop.set()
+        thread.join(timeout=60)
+    return {"v1": trained["version"], "v2": v2["version"], "client": client, "moved_at": moved_at}
+
+
+def test_no_request_fails_while_the_alias_moves(versions):
+    client: SteadyClient = versions["client"]
+    assert len(client.answers) > 100, "the client kept the server busy during the switch"
+    assert client.failures == [], f"{len(client.failures)} failed requests, first: {client.failures[:3]}"
+    served = {v for _, v in client.answers}
+    assert {versions["v1"], versions["v2"]} <= served
+
+
+def test_new_version_answers_within_30_seconds_of_the_alias_move(versions):
+    client: SteadyClient = versions["client"]
+    first = client.first_answer_from(versions["v2"], 0)
+    # The alias moved before the trainer printed its last line; `moved_at` is an upper bound.
+    assert first is not None and first - versions["moved_at"] <= 30
+    # Once the new version answered, the old one no longer does.
+    last_old = max((t for t, v in client.answers if v == versions["v1"]), default=0)
+    assert last_old <= first + 5
+
+
+def test_broken_version_is_not_switched_to_and_rollback_restores(stack: Stack, versions, admin_client):
+    name = stack.env["MODEL_NAME"]
+    v2 = admin_client.get_model_version(name, versions["v2"])
+    run = admin_client.get_run(v2.run_id)
+    # A version whose files are not a model at all (the run's checkpoints): loading fails.
+    broken = admin_client.create_model_version(name, f"{run.info.artifact_uri}/checkpoints", run_id=v2.run_id)
+    promoted = models_cli(stack, "promote", broken.version)
+    assert promoted.returncode == 0, promoted.stderr
+    assert alias_version(admin_client, stack) == broken.version
+
+    status = poll("serving to report the broken version's failure",
+                  lambda: (s := stack.serving_status()) and s.get("last_error") and s, timeout=120)
+    assert str(status["version"]) == versions["v2"]
+    answer = requests.post(f"{stack.serving_url}/invocations", json={"inputs": [IMAGE]}, timeout=30)
+    assert answer.status_code == 200 and answer.headers["X-Model-Version"] == versions["v2"]
+
+    rolled = models_cli(stack, "rollback")
+    assert rolled.returncode == 0, rolled.stderr
+    assert alias_version(admin_client, stack) == versions["v2"]
+    rolled = models_cli(stack, "rollback")
+    assert rolled.returncode == 0, rolled.stderr
+    assert alias_version(admin_client, stack) == versions["v1"]
+    stack.wait_served_version(versions["v1"], timeout=60)
+
+    table = models_cli(stack, "list")
+    assert table.returncode == 0, table.stderr
+    holder_line = next(line for line in table.stdout.splitlines() if line.split()[:1] == [versions["v1"]])
+    assert f"@{stack.env['MODEL_ALIAS']}" in holder_line
