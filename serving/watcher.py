@@ -159,8 +159,8 @@ class AliasWatcher:
 
         s = self.settings
         poll = s.poll_seconds
-        registry, store = self._clients()
         try:
+            registry, store = self._clients()
             target = resolve_alias(registry, s.model_name, s.model_alias)
         except AliasNotFound as e:
             self._registry_errors = 0
@@ -199,6 +199,8 @@ class AliasWatcher:
         self._failures = {k: f for k, f in self._failures.items() if k == key}
         failure = self._failures.get(key)
         if failure is not None and time.monotonic() < failure.retry_at:
+            if self.last_error != failure.message:  # e.g. a registry error in between
+                self._set_error(failure.message)
             return min(poll, failure.retry_at - time.monotonic())
 
         self._switch_to(target, store, failure)
