@@ -275,14 +275,22 @@ def test_tls_proxy_serves_the_tracking_api_with_its_certificate(stack: Stack, tl
     assert plain.status_code == 301 and plain.headers["Location"].startswith("https://")
 
 
-def test_mlflow_client_works_over_tls(stack: Stack, trained, tls_proxy: TlsProxy, monkeypatch):
-    """What a teammate configures: the https URL, the certificate, their MLflow login."""
+def test_mlflow_client_works_over_tls(stack: Stack, trained, tls_proxy: TlsProxy, monkeypatch, tmp_path):
+    """What a teammate configures (docker/proxy/README.md): the https URL, the certificate,
+    their MLflow login, and artifact transfers through the server rather than straight from
+    S3, which only the tracking server can reach."""
     monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", str(tls_proxy.cert))
     monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", stack.credentials("serving")[0])
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", stack.credentials("serving")[1])
+    monkeypatch.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
+    monkeypatch.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD", "false")
     client = MlflowClient(tls_proxy.mlflow_url)
     version = client.get_model_version_by_alias(stack.env["MODEL_NAME"], stack.env["MODEL_ALIAS"])
     assert version.version == trained["version"]
+    # Artifacts stream through nginx (no buffering to its small tmpfs) and arrive whole.
+    local = Path(client.download_artifacts(version.run_id, "", str(tmp_path)))
+    files = [p for p in local.rglob("*") if p.is_file()]
+    assert files and all(p.stat().st_size > 0 for p in files), files
 
 
 def test_tls_proxy_requires_basic_auth_for_invocations(stack: Stack, trained, tls_proxy: TlsProxy):
