@@ -133,9 +133,10 @@ class Browser:
         # The app puts non-breaking spaces between icons and labels ("@\xa0production").
         return result["result"].get("value", "").replace("\xa0", " ")
 
-    def wait_for_text(self, *needles: str, timeout: float = 60) -> str:
+    def wait_for_text(self, *needles: str, timeout: float = 120) -> str:
         """The page's visible text once it holds every needle (the app renders after its API
-        calls return, so this polls instead of waiting for a load event)."""
+        calls return, so this polls instead of waiting for a load event). Generous: on a
+        busy two-core CI machine the first render alone can take tens of seconds."""
         deadline = time.monotonic() + timeout
         text = ""
         while time.monotonic() < deadline:
@@ -143,7 +144,9 @@ class Browser:
             if all(needle in text for needle in needles):
                 return text
             time.sleep(0.5)
-        raise AssertionError(f"the page never showed {needles}; it shows:\n{text[:3000]}")
+        evidence = ARTIFACTS / f"ui-timeout-{int(time.time())}.png"
+        self.screenshot(evidence)
+        raise AssertionError(f"the page never showed {needles} (screenshot: {evidence}); it shows:\n{text[:3000]}")
 
     def screenshot(self, path: Path) -> None:
         data = self.send("Page.captureScreenshot", {"format": "png"}, self.session)["data"]
