@@ -57,6 +57,9 @@ registry_reachable() {
 if [ -n "$created" ]; then
   if [ "${OFFLINE:-}" = 1 ] || { [ "${OFFLINE:-}" != 0 ] && ! registry_reachable; }; then
     sed -i 's|^COMPOSE_FILE=.*|COMPOSE_FILE=compose.yaml:compose.offline.yaml|' "$target"
+    # Every image we build (the optional TLS proxy too) starts from the local Debian base.
+    offline_base=$(grep '^OFFLINE_BASE_IMAGE=' "$target" | cut -d= -f2-)
+    sed -i "s|^BASE_IMAGE=.*|BASE_IMAGE=${offline_base}|" "$target"
     echo "No container registry reachable (or OFFLINE=1): .env uses local stand-in images (compose.offline.yaml)."
   fi
   echo "Wrote $target from $example with fresh random secrets (mode 600): ${generated[*]}"
