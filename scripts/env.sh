@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${1:-.env}
 example=.env.example
-secrets_re='^(POSTGRES_PASSWORD|S3_ACCESS_KEY|S3_SECRET_KEY|MLFLOW_ADMIN_PASSWORD|MLFLOW_FLASK_SERVER_SECRET_KEY|TRAINER_PASSWORD|SERVING_PASSWORD)$'
+secrets_re='^(POSTGRES_PASSWORD|S3_ACCESS_KEY|S3_SECRET_KEY|MLFLOW_ADMIN_PASSWORD|MLFLOW_FLASK_SERVER_SECRET_KEY|TRAINER_PASSWORD|SERVING_PASSWORD|SERVING_CLIENT_PASSWORD)$'
 
 random_secret() {
   # 32 url-safe characters: strong, and safe inside URLs and .env without quoting.

@@ -11,6 +11,9 @@ The stack is up.
   Tracking UI and API : http://$host:$(value MLFLOW_PORT)   (log in as $(value MLFLOW_ADMIN_USERNAME); password: MLFLOW_ADMIN_PASSWORD in .env)
   Model endpoint      : http://$host:$(value SERVING_PORT)/invocations   (serves models:/$(value MODEL_NAME)@$(value MODEL_ALIAS))
   Credentials         : .env (mode 600): admin, trainer and serving users, Postgres and S3 keys
+$(if [[ "$(value COMPOSE_FILE)" == *compose.tls.yaml* ]]; then
+  echo "  Over TLS (team)     : https://$(value TLS_HOSTNAME):$(value MLFLOW_TLS_PORT)   and   https://$(value TLS_HOSTNAME):$(value SERVING_TLS_PORT)/invocations"
+fi)
 
 Next: docker compose run trainer      (or: make train ARGS="--epochs 5")
       make predict                    (sends real test images once a model holds @$(value MODEL_ALIAS))

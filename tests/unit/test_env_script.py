@@ -9,7 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 SECRETS = ["POSTGRES_PASSWORD", "S3_ACCESS_KEY", "S3_SECRET_KEY", "MLFLOW_ADMIN_PASSWORD",
-           "MLFLOW_FLASK_SERVER_SECRET_KEY", "TRAINER_PASSWORD", "SERVING_PASSWORD"]
+           "MLFLOW_FLASK_SERVER_SECRET_KEY", "TRAINER_PASSWORD", "SERVING_PASSWORD",
+           "SERVING_CLIENT_PASSWORD"]
 
 
 def make_env(path: Path) -> str:
