@@ -46,9 +46,9 @@ TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000
 BATCH_SIZE, LR = 64, 1e-3
 LOG_EVERY_BATCHES = 100  # the quickstart's logging interval
 TARGETS = {"speedup": 1.5, "efficiency": 0.90, "logging_overhead": 0.02}
-# Before each measurement, wait (up to the patience) until other processes use less
-# than this share of the CPUs: the machine is shared and its neighbours come and go.
-QUIET_THRESHOLD, QUIET_PATIENCE_S = 0.10, 600
+# Before each measurement, wait (up to --quiet-patience seconds) until other processes use
+# less than this share of the CPUs: the machine is shared and its neighbours come and go.
+QUIET_THRESHOLD = 0.10
 
 
 # --- the measured programs, each run as `trainer_bench.py --role NAME` in its own process
@@ -217,8 +217,8 @@ def wait_until_quiet(threshold, patience_s):
             return share
 
 
-def run(command, env, label):
-    wait_until_quiet(QUIET_THRESHOLD, QUIET_PATIENCE_S)
+def run(command, env, label, patience_s):
+    wait_until_quiet(QUIET_THRESHOLD, patience_s)
     busy0, total0 = cpu_jiffies()
     ours0 = children_jiffies()
     started = time.perf_counter()
@@ -233,10 +233,10 @@ def run(command, env, label):
     return result.stdout, wall, others
 
 
-def measure_role(role, data_dir, url, epochs, env):
+def measure_role(role, data_dir, url, epochs, env, patience_s):
     command = [sys.executable, str(Path(__file__).resolve()), "--role", role, "--data-dir", str(data_dir),
                "--tracking-uri", url, "--epochs", str(epochs)]
-    out, wall, others = run(command, env, role)
+    out, wall, others = run(command, env, role, patience_s)
     result = json.loads(out.strip().splitlines()[-1].removeprefix("RESULT "))
     result.update(images_per_sec=result["images"] / result["seconds"], process_seconds=wall,
                   other_cpu_share=others)
@@ -247,8 +247,9 @@ TRAINED = re.compile(r"^trained (\d+) images in ([\d.]+) s", re.MULTILINE)
 EPOCH = re.compile(r"^epoch (\d+)/\d+  eval_loss [\d.]+  eval_accuracy ([\d.]+)  ([\d.]+) s$", re.MULTILINE)
 
 
-def measure_trainer(args, data_dir, env):
-    out, wall, others = run([sys.executable, "-m", "trainer", "--data-dir", str(data_dir), *args], env, "trainer")
+def measure_trainer(args, data_dir, env, patience_s):
+    out, wall, others = run([sys.executable, "-m", "trainer", "--data-dir", str(data_dir), *args], env, "trainer",
+                            patience_s)
     images, seconds = TRAINED.search(out).groups()
     epochs = EPOCH.findall(out)
     return {"images": int(images), "seconds": float(seconds), "images_per_sec": int(images) / float(seconds),
@@ -318,9 +319,9 @@ def markdown(report):
 
 {report['date']}; machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads),
 {m['memory_gib']} GiB, GPU {gpu}; {m['os']}; Python {m['python']}, torch {m['torch']}, mlflow
-{m['mlflow']}. The machine is shared: each run waited for other processes to use under
-{QUIET_THRESHOLD:.0%} of the CPUs; during the runs they used at most {f['max_other_cpu_share']:.0%}
-(the tracking server's share included). Generated data of FashionMNIST's size ({TRAIN_IMAGES:,} + {TEST_IMAGES:,}
+{m['mlflow']}. The machine is shared: before each run the bench waited up to
+{s['quiet_patience_s']:g} s for other processes to use under {QUIET_THRESHOLD:.0%} of the CPUs; during the
+runs they used up to {f['max_other_cpu_share']:.0%} of them (the tracking server's share included). Generated data of FashionMNIST's size ({TRAIN_IMAGES:,} + {TEST_IMAGES:,}
 images, IDX files read through torchvision), a real `mlflow server` on loopback.
 Quickstart model, batch {BATCH_SIZE}, SGD lr {LR:g}, {s['epochs']} epochs, evaluation every
 epoch; median of {s['repeats']} runs each, taking turns.
@@ -352,6 +353,8 @@ def main():
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the side-by-side runs (default 3)")
     parser.add_argument("--repeats", type=int, default=3, help="runs of each configuration (default 3)")
     parser.add_argument("--recipe-epochs", type=int, default=2, help="epochs of the default recipe (default 2)")
+    parser.add_argument("--quiet-patience", type=float, default=30,
+                        help="seconds to wait for a quiet machine before each run (default 30)")
     parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--role", choices=["quickstart", "bound"], help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
@@ -362,6 +365,12 @@ def main():
 
     from trainer import synthetic
 
+    def stop(signum, frame):
+        raise SystemExit(f"stopped by {signal.Signals(signum).name}")
+
+    # SIGTERM (and SIGINT in a background job) must still run the clean-up below.
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     info = machine()
     workdir = Path(tempfile.mkdtemp(prefix="trainer-bench-"))
     data_dir = workdir / "data"
@@ -375,10 +384,12 @@ def main():
                           "--lr", str(LR), "--lr-schedule", "constant", "--epochs", str(args.epochs),
                           "--seed", "0"]
     configurations = {
-        "quickstart": lambda: measure_role("quickstart", data_dir, url, args.epochs, env),
-        "trainer": lambda: measure_trainer(same_as_quickstart + ["--promotion-policy", "never"], data_dir, env),
-        "untracked": lambda: measure_trainer(same_as_quickstart + ["--no-tracking"], data_dir, env),
-        "bound": lambda: measure_role("bound", data_dir, url, args.epochs, env),
+        "quickstart": lambda: measure_role("quickstart", data_dir, url, args.epochs, env, args.quiet_patience),
+        "trainer": lambda: measure_trainer(same_as_quickstart + ["--promotion-policy", "never"], data_dir, env,
+                                           args.quiet_patience),
+        "untracked": lambda: measure_trainer(same_as_quickstart + ["--no-tracking"], data_dir, env,
+                                             args.quiet_patience),
+        "bound": lambda: measure_role("bound", data_dir, url, args.epochs, env, args.quiet_patience),
     }
     samples = {name: [] for name in configurations}
     try:
@@ -389,7 +400,8 @@ def main():
                 result = configurations[name]()
                 samples[name].append(result)
                 log(f"round {repeat + 1}/{args.repeats} {name}: {result['images_per_sec']:,.0f} images/s")
-        recipe = measure_trainer(["--epochs", str(args.recipe_epochs), "--promotion-policy", "never"], data_dir, env)
+        recipe = measure_trainer(["--epochs", str(args.recipe_epochs), "--promotion-policy", "never"], data_dir, env,
+                                 args.quiet_patience)
         log(f"default recipe: {recipe['images_per_sec']:,.0f} images/s")
     finally:
         stop_server(server)
@@ -397,6 +409,7 @@ def main():
 
     info["load_average_at_end"] = os.getloadavg()
     conf = {"epochs": args.epochs, "repeats": args.repeats, "recipe_epochs": args.recipe_epochs,
+            "quiet_threshold": QUIET_THRESHOLD, "quiet_patience_s": args.quiet_patience,
             "batch_size": BATCH_SIZE, "lr": LR, "train_images": TRAIN_IMAGES, "test_images": TEST_IMAGES}
     report = summarise(samples, recipe, conf, info)
     args.out_dir.mkdir(parents=True, exist_ok=True)

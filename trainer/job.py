@@ -221,8 +221,8 @@ def run_tracked(conf, device, train_split, test_split, dataset_sha256):
             if saved_step[0] != progress.global_step:
                 try:
                     save_checkpoint(progress)
-                except Exception as error:  # noqa: BLE001 - the run must still end KILLED
-                    warn(f"could not save the final checkpoint: {error}")
+                except BaseException as error:  # noqa: BLE001 - a second Ctrl-C included: end KILLED anyway
+                    warn(f"could not save the final checkpoint: {error or type(error).__name__}")
             tracking.end_run("KILLED")
             say(f"stopped by {stop.received} at global step {progress.global_step}; "
                 f"continue with --resume-from {run_id}")
