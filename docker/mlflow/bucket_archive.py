@@ -1,0 +1,163 @@
+"""One-shot: every object of the artifact bucket as a tar stream, out and back in.
+
+    python /opt/mlflow/bucket_archive.py export  >bucket.tar
+    python /opt/mlflow/bucket_archive.py import  <bucket.tar
+
+export writes one member `objects/<key>` per object, then `bucket.json`: every key with its
+size and sha256, hashed while it was read from S3. import makes the bucket hold exactly those
+objects: it uploads each one, deletes every other, then reads the whole bucket back and
+checks it against the index.
+
+S3 sits on the stack's internal network, out of the host's reach, so scripts/backup.sh and
+scripts/restore.sh run this in a container and pipe the tar through. The tar is only a
+transport and is never unpacked to disk: keys stay exactly as S3 has them, `..` and all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import sys
+import tarfile
+import time
+
+import boto3
+from botocore.config import Config
+
+import create_bucket
+import settings
+
+OBJECTS = "objects/"
+INDEX = "bucket.json"
+# How S3 serves the object (content type, user metadata), kept in the member's PAX header
+# under the keyword tar tools use for extended attributes: GNU tar and bsdtar then read
+# bucket.tar without warnings.
+S3_HEADER = "SCHILY.xattr.user.s3"
+
+
+class HashingReader:
+    """Hands reads through and hashes what went by. It has only read(), so boto3 treats it
+    as the one-way stream it is and never tries to seek."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.digest = hashlib.sha256()
+        self.size = 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(size)
+        self.digest.update(data)
+        self.size += len(data)
+        return data
+
+
+def s3_client():
+    return boto3.client(
+        "s3",
+        endpoint_url=settings.optional("MLFLOW_S3_ENDPOINT_URL", "") or None,
+        aws_access_key_id=settings.required("AWS_ACCESS_KEY_ID"),
+        aws_secret_access_key=settings.required("AWS_SECRET_ACCESS_KEY"),
+        region_name=settings.optional("AWS_DEFAULT_REGION", "us-east-1"),
+        config=Config(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}),
+    )
+
+
+def list_keys(s3, bucket: str) -> list[str]:
+    keys = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys += [item["Key"] for item in page.get("Contents", [])]
+    return sorted(keys)
+
+
+def sha256_of(s3, bucket: str, key: str) -> str:
+    body = HashingReader(s3.get_object(Bucket=bucket, Key=key)["Body"])
+    while body.read(1 << 20):
+        pass
+    return body.digest.hexdigest()
+
+
+def export(s3, bucket: str, out) -> None:
+    index = []
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+        for key in list_keys(s3, bucket):
+            try:
+                obj = s3.get_object(Bucket=bucket, Key=key)
+            except s3.exceptions.NoSuchKey:
+                # Deleted since the listing (the stack keeps running during a backup).
+                settings.log(f"skipped {key}: deleted while the backup ran")
+                continue
+            member = tarfile.TarInfo(OBJECTS + key)
+            member.size = obj["ContentLength"]
+            member.mtime = obj["LastModified"].timestamp()
+            serving = {"ContentType": obj.get("ContentType")} if obj.get("ContentType") else {}
+            if obj.get("Metadata"):
+                serving["Metadata"] = obj["Metadata"]
+            member.pax_headers = {S3_HEADER: json.dumps(serving)}
+            body = HashingReader(obj["Body"])
+            # addfile copies exactly member.size bytes and fails on a short body.
+            tar.addfile(member, body)
+            index.append({"key": key, "size": member.size, "sha256": body.digest.hexdigest()})
+        data = json.dumps({"bucket": bucket, "objects": index}, indent=1).encode()
+        member = tarfile.TarInfo(INDEX)
+        member.size, member.mtime = len(data), time.time()
+        tar.addfile(member, io.BytesIO(data))
+    total = sum(item["size"] for item in index)
+    settings.log(f"exported {len(index)} objects ({total} bytes) from bucket {bucket}")
+
+
+def import_(s3, bucket: str, source) -> None:
+    create_bucket.main()  # a fresh S3 volume may not have the bucket yet
+    uploaded: dict[str, str] = {}
+    index = None
+    with tarfile.open(fileobj=source, mode="r|") as tar:
+        for member in tar:
+            if member.name == INDEX:
+                index = json.load(tar.extractfile(member))
+                continue
+            if not (member.isfile() and member.name.startswith(OBJECTS)):
+                raise SystemExit(f"not a bucket archive: unexpected member {member.name!r}")
+            key = member.name[len(OBJECTS):]
+            serving = json.loads(member.pax_headers.get(S3_HEADER, "{}"))
+            body = HashingReader(tar.extractfile(member))
+            s3.upload_fileobj(body, bucket, key, ExtraArgs=serving or None)
+            uploaded[key] = body.digest.hexdigest()
+    if index is None:
+        raise SystemExit(f"not a complete bucket archive: {INDEX} is missing")
+    expected = {item["key"]: item["sha256"] for item in index["objects"]}
+    differing = sorted(k for k in expected.keys() | uploaded.keys() if expected.get(k) != uploaded.get(k))
+    if differing:
+        raise SystemExit(f"{len(differing)} objects differ from the archive's index, e.g. {differing[:3]}")
+
+    stale = [key for key in list_keys(s3, bucket) if key not in expected]
+    for start in range(0, len(stale), 1000):
+        batch = [{"Key": key} for key in stale[start:start + 1000]]
+        errors = s3.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True}).get("Errors")
+        if errors:
+            raise SystemExit(f"could not delete {len(errors)} objects, e.g. {errors[0].get('Key')}: {errors[0].get('Code')}")
+
+    # Read back what S3 now holds: the bucket must be the archive, byte for byte.
+    present = list_keys(s3, bucket)
+    if present != sorted(expected):
+        missing, extra = expected.keys() - set(present), set(present) - expected.keys()
+        raise SystemExit(f"bucket {bucket} does not match the archive: {len(missing)} missing, {len(extra)} extra")
+    for key in present:
+        if sha256_of(s3, bucket, key) != expected[key]:
+            raise SystemExit(f"object {key} does not match its checksum after upload")
+    settings.log(f"restored {len(present)} objects into bucket {bucket} (each checksum verified), "
+                 f"removed {len(stale)} that were not in the archive")
+
+
+def main() -> None:
+    command = sys.argv[1] if len(sys.argv) == 2 else ""
+    if command not in ("export", "import"):
+        raise SystemExit("usage: bucket_archive.py export >bucket.tar | import <bucket.tar")
+    s3, bucket = s3_client(), settings.bucket()
+    if command == "export":
+        export(s3, bucket, sys.stdout.buffer)
+    else:
+        import_(s3, bucket, sys.stdin.buffer)
+
+
+if __name__ == "__main__":
+    main()
