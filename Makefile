@@ -22,7 +22,7 @@ ARGS ?=
 export GIT_COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null)
 
 .PHONY: help env up down build offline-images train predict logs ps models promote rollback \
-        test test-unit test-integration bench bench-trainer clean doctor lock
+        test test-unit test-integration bench bench-trainer backup restore clean doctor lock
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}'
@@ -90,6 +90,13 @@ doctor: ## Check Docker, Compose v2, free disk, ports, and the NVIDIA runtime wi
 
 lock: $(VENV_STAMP) ## Re-pin every Python package (after editing docker/requirements/*.txt)
 	@scripts/lock.sh
+
+backup: ## Archive the databases and artifacts of the running stack into backups/ (BACKUP_DIR=...)
+	@scripts/backup.sh
+
+restore: ## Replace all data with a backup: make restore FILE=backups/<name>.tar.gz (asks; CONFIRM=yes)
+	@test -n "$(FILE)" || { echo "usage: make restore FILE=backups/<archive>.tar.gz"; exit 2; }
+	@scripts/restore.sh "$(FILE)"
 
 clean: ## Stop the stack and DELETE all its data (asks first; CONFIRM=yes skips the question)
 	@scripts/clean.sh
