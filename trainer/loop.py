@@ -115,8 +115,8 @@ def train_epoch(model, optimizer, split, progress, *, seed, batch_size, lr, lr_s
                 total_steps, log_every, device, on_log, should_stop):
     """Run the rest of epoch `progress.epoch`, updating `progress` after every step.
 
-    on_log(metrics, progress) is called every log_every global steps with the train loss,
-    accuracy and images/s averaged since the previous call.
+    on_log(metrics, progress) is called every log_every global steps, and at the end of the
+    epoch, with the train loss, accuracy and images/s averaged since the previous call.
     """
     model.train()
     order = data.epoch_order(len(split), seed, progress.epoch, device)
@@ -138,7 +138,9 @@ def train_epoch(model, optimizer, split, progress, *, seed, batch_size, lr, lr_s
         meter.add(loss, logits, labels)
         progress.step_in_epoch += 1
         progress.global_step += 1
-        if progress.global_step % log_every == 0:
+        # The epoch's last step always reports, so short runs still have a train curve.
+        last_step = progress.step_in_epoch == data.steps_per_epoch(len(split), batch_size)
+        if progress.global_step % log_every == 0 or last_step:
             metrics = meter.read()
             if not math.isfinite(metrics["loss"]):
                 raise TrainingDiverged(
