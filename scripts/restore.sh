@@ -134,6 +134,7 @@ in_postgres() { "${compose[@]}" exec -T postgres sh -c "$1" sh "${@:2}"; }
 replace_database='set -eu
 db=${1:-$POSTGRES_DB}
 psql -q -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d template1 -v db="$db" <<SQL
+SET client_min_messages = warning;
 DROP DATABASE IF EXISTS :"db" WITH (FORCE);
 CREATE DATABASE :"db";
 SQL
