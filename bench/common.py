@@ -373,6 +373,7 @@ class LoadResult:
     statuses: list = field(default_factory=list)
     tags: list = field(default_factory=list)
     exceptions: dict = field(default_factory=dict)  # exception type -> count
+    error_samples: dict = field(default_factory=dict)  # status -> start of the first such body
 
     @property
     def seconds(self) -> float:
@@ -399,16 +400,18 @@ class LoadResult:
         return {"requests": len(self.statuses) + sum(self.exceptions.values()), "ok": self.ok,
                 "failed": self.failed, "failures": self.failures(), "seconds": round(self.seconds, 3),
                 "requests_per_sec": round(self.ok / self.seconds, 2) if self.seconds > 0 else None,
-                "latency_ms": latency_ms(ok_latencies)}
+                "latency_ms": latency_ms(ok_latencies), "error_samples": self.error_samples}
 
 
-async def drive(host: str, port: int, requests: list[bytes], concurrency: int, duration_s: float,
+async def drive(host: str, port: int, requests, concurrency: int, duration_s: float,
                 max_requests: int | None = None, timeout_s: float = 60.0, tag_header: bytes | None = None,
                 stop: asyncio.Event | None = None) -> LoadResult:
     """Closed-loop load: `concurrency` connections, each sending its next request as soon
-    as the previous answer is read, cycling through `requests`, until `duration_s` has
-    passed, `max_requests` were sent, or `stop` is set. A failed connection is counted and
-    replaced."""
+    as the previous answer is read, until `duration_s` has passed, `max_requests` were
+    sent, or `stop` is set. `requests` is a list of request bytes, cycled through, or a
+    function (connection index, its request count) -> bytes for requests that must differ
+    every time. A failed connection is counted and replaced."""
+    make = requests if callable(requests) else (lambda index, n: requests[(index + n) % len(requests)])
     result = LoadResult()
     deadline = time.perf_counter() + duration_s
     sent = 0
@@ -417,15 +420,15 @@ async def drive(host: str, port: int, requests: list[bytes], concurrency: int, d
     async def worker(index: int):
         nonlocal sent
         conn = HttpConnection(host, port)
-        i = index
+        n = 0
         while clock() < deadline and (max_requests is None or sent < max_requests) and not (stop and stop.is_set()):
             sent += 1
-            data = requests[i % len(requests)]
-            i += 1
+            data = make(index, n)
+            n += 1
             t0 = clock()
             try:
                 async with asyncio.timeout(timeout_s):
-                    status, headers, _ = await conn.request(data)
+                    status, headers, body = await conn.request(data)
             except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError) as e:
                 conn.close()
                 name = type(e).__name__
@@ -436,6 +439,8 @@ async def drive(host: str, port: int, requests: list[bytes], concurrency: int, d
             result.ends.append(t1)
             result.latencies.append(t1 - t0)
             result.statuses.append(status)
+            if not 200 <= status < 300 and status not in result.error_samples:
+                result.error_samples[status] = body[:300].decode("utf-8", "replace")
             if tag_header is not None:
                 result.tags.append(headers.get(tag_header, b"").decode("latin-1"))
         conn.close()
