@@ -22,7 +22,8 @@ ARGS ?=
 export GIT_COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null)
 
 .PHONY: help env up down build offline-images train predict logs ps models promote rollback \
-        test test-unit test-integration bench bench-trainer backup restore clean doctor lock
+        test test-unit test-integration bench bench-trainer bench-serving bench-switch \
+        bench-tracking bench-cold-start backup restore clean doctor lock
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}'
@@ -83,7 +84,19 @@ test-integration: $(VENV_STAMP) ## Integration tests: build the images, bring up
 bench-trainer: $(VENV_STAMP) ## Benchmark the trainer against the MLflow quickstart loop
 	@$(VENV)/bin/python bench/trainer_bench.py $(ARGS)
 
-bench: bench-trainer ## Run every benchmark; results land in bench/results/
+bench-serving: $(VENV_STAMP) ## Benchmark serving against plain mlflow models serve (local, no Docker)
+	@$(VENV)/bin/python bench/serving_bench.py $(ARGS)
+
+bench-switch: $(VENV_STAMP) ## Benchmark an alias move: time to the new version, failed requests
+	@$(VENV)/bin/python bench/alias_switch_bench.py $(ARGS)
+
+bench-tracking: $(VENV_STAMP) ## Benchmark the tracking server against plain mlflow server (Docker, built images)
+	@$(VENV)/bin/python bench/tracking_bench.py $(ARGS)
+
+bench-cold-start: $(VENV_STAMP) ## Benchmark make up to healthy, and a trained model to first prediction (Docker)
+	@$(VENV)/bin/python bench/cold_start_bench.py $(ARGS)
+
+bench: bench-trainer bench-serving bench-switch bench-tracking bench-cold-start ## Run every benchmark; results land in bench/results/
 
 doctor: ## Check Docker, Compose v2, free disk, ports, and the NVIDIA runtime with GPU=1
 	@GPU=$(GPU) scripts/doctor.sh
