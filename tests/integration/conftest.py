@@ -4,6 +4,7 @@ its volumes at the end. When any test fails, the services' logs are printed."""
 from __future__ import annotations
 
 import os
+import sys
 import time
 import subprocess
 import uuid
@@ -59,8 +60,13 @@ def stack(images, tmp_path_factory) -> Stack:
         yield stack
     finally:
         if _failed:
-            logs = stack.compose("--profile", "train", "logs", "--no-color", "--tail", "200", check=False)
-            print("\n===== docker compose logs (a test failed) =====\n" + logs.stdout[-60000:])
+            # Straight to the terminal and to a file: pytest captures prints made in teardown.
+            logs = stack.compose("--profile", "train", "logs", "--no-color", "--timestamps", check=False).stdout
+            saved = ROOT / "tests/artifacts/compose-logs.txt"
+            saved.parent.mkdir(parents=True, exist_ok=True)
+            saved.write_text(logs)
+            sys.__stderr__.write(f"\n===== docker compose logs, last lines (all of them in {saved}) =====\n"
+                                 + logs[-40000:] + "\n")
         stack.compose("--profile", "train", "down", "--volumes", "--remove-orphans", check=False)
 
 

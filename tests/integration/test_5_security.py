@@ -275,7 +275,13 @@ def test_tls_proxy_serves_the_tracking_api_with_its_certificate(stack: Stack, tl
     assert plain.status_code == 301 and plain.headers["Location"].startswith("https://")
 
 
-def test_mlflow_client_works_over_tls(stack: Stack, trained, tls_proxy: TlsProxy, monkeypatch, tmp_path):
+def holder(stack: Stack, admin_client: MlflowClient) -> str:
+    """The version holding the alias now (earlier tests may have moved it)."""
+    return admin_client.get_model_version_by_alias(stack.env["MODEL_NAME"], stack.env["MODEL_ALIAS"]).version
+
+
+def test_mlflow_client_works_over_tls(stack: Stack, trained, admin_client: MlflowClient, tls_proxy: TlsProxy,
+                                      monkeypatch, tmp_path):
     """What a teammate configures (docker/proxy/README.md): the https URL, the certificate,
     their MLflow login, and artifact transfers through the server rather than straight from
     S3, which only the tracking server can reach."""
@@ -284,17 +290,20 @@ def test_mlflow_client_works_over_tls(stack: Stack, trained, tls_proxy: TlsProxy
     monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", stack.credentials("serving")[1])
     monkeypatch.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
     monkeypatch.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD", "false")
+    expected = holder(stack, admin_client)
     client = MlflowClient(tls_proxy.mlflow_url)
     version = client.get_model_version_by_alias(stack.env["MODEL_NAME"], stack.env["MODEL_ALIAS"])
-    assert version.version == trained["version"]
+    assert version.version == expected
     # Artifacts stream through nginx (no buffering to its small tmpfs) and arrive whole.
     local = Path(client.download_artifacts(version.run_id, "", str(tmp_path)))
     files = [p for p in local.rglob("*") if p.is_file()]
     assert files and all(p.stat().st_size > 0 for p in files), files
 
 
-def test_tls_proxy_requires_basic_auth_for_invocations(stack: Stack, trained, tls_proxy: TlsProxy):
-    stack.wait_served_version(trained["version"], timeout=120)
+def test_tls_proxy_requires_basic_auth_for_invocations(stack: Stack, trained, admin_client: MlflowClient,
+                                                       tls_proxy: TlsProxy):
+    served = holder(stack, admin_client)
+    stack.wait_served_version(served, timeout=180)
     url = tls_proxy.serving_url + "/invocations"
     body = {"inputs": [[[[0.0] * 28] * 28]]}
     verify = str(tls_proxy.cert)
@@ -304,7 +313,7 @@ def test_tls_proxy_requires_basic_auth_for_invocations(stack: Stack, trained, tl
     ok = requests.post(url, json=body, auth=tls_proxy.client, verify=verify, timeout=30)
     assert ok.status_code == 200, ok.text
     assert len(ok.json()["predictions"][0]) == 10
-    assert ok.headers["X-Model-Version"] == trained["version"]
+    assert ok.headers["X-Model-Version"] == served
 
 
 def test_tls_proxy_refuses_bodies_over_the_serving_limit(stack: Stack, trained, tls_proxy: TlsProxy):

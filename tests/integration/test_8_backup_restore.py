@@ -1,0 +1,191 @@
+"""`make backup`, lose the stack, `make restore`: every experiment, run, metric, model version,
+alias and artifact comes back, and this stack's .env is what logs in afterwards. Restarts the
+shared stack with fresh volumes; test_9 checks persistence on the restored one."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import os
+import re
+import secrets
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import requests
+from mlflow import MlflowClient
+from mlflow.artifacts import download_artifacts
+from mlflow.entities import ViewType
+
+from stack import ROOT, Stack
+
+SECRET_NAME = re.compile(r"(PASSWORD|SECRET_KEY|ACCESS_KEY)$")
+SEARCH = "/api/2.0/mlflow/experiments/search?max_results=1"
+
+
+def run_script(stack: Stack, *args: str, **env: str) -> tuple[subprocess.CompletedProcess, float]:
+    """A script of scripts/ pointed at the test stack the way the README's users would point
+    it at theirs: compose's own variables and ENV_FILE. Returns the result and its seconds."""
+    environment = dict(os.environ, ENV_FILE=str(stack.env_file), COMPOSE_PROJECT_NAME=stack.project,
+                       COMPOSE_FILE=os.pathsep.join(str(f) for f in stack.compose_files), **env)
+    started = time.monotonic()
+    result = subprocess.run([str(ROOT / "scripts" / args[0]), *args[1:]], env=environment, cwd=ROOT,
+                            capture_output=True, text=True, timeout=1200)
+    return result, time.monotonic() - started
+
+
+def checksums(directory: Path) -> dict[str, str]:
+    return {str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def snapshot(client: MlflowClient, stack: Stack, workdir: Path) -> dict:
+    """Everything a user sees through MLflow, artifacts as checksums, as the admin."""
+    experiments = client.search_experiments(view_type=ViewType.ALL)
+    runs = client.search_runs([e.experiment_id for e in experiments], run_view_type=ViewType.ALL,
+                              max_results=1000)
+    models = {}
+    for registered in client.search_registered_models():
+        versions = client.search_model_versions(f"name='{registered.name}'")
+        models[registered.name] = {
+            "aliases": client.get_registered_model(registered.name).aliases,
+            "tags": registered.tags,
+            "versions": {v.version: {
+                "run_id": v.run_id, "source": v.source, "status": v.status, "tags": v.tags,
+                "created": v.creation_timestamp,
+                "artifacts": checksums(Path(download_artifacts(
+                    artifact_uri=client.get_model_version_download_uri(registered.name, v.version),
+                    dst_path=str(workdir / "models" / registered.name / v.version),
+                    tracking_uri=stack.mlflow_url))),
+            } for v in versions},
+        }
+    return {
+        "experiments": {e.experiment_id: (e.name, e.lifecycle_stage, e.artifact_location, e.tags, e.creation_time)
+                        for e in experiments},
+        "runs": {run.info.run_id: {
+            "info": (run.info.experiment_id, run.info.run_name, run.info.status, run.info.start_time,
+                     run.info.end_time, run.info.lifecycle_stage, run.info.artifact_uri),
+            "params": run.data.params,
+            "tags": run.data.tags,
+            "metrics": {key: [(m.step, m.timestamp, m.value) for m in client.get_metric_history(run.info.run_id, key)]
+                        for key in run.data.metrics},
+            "artifacts": checksums(Path(download_artifacts(
+                run_id=run.info.run_id, artifact_path="", dst_path=str(workdir / "runs" / run.info.run_id),
+                tracking_uri=stack.mlflow_url))),
+        } for run in runs},
+        "models": models,
+    }
+
+
+def read_manifest(archive: Path) -> dict:
+    with tarfile.open(archive) as tar:
+        return json.load(tar.extractfile("manifest.json"))
+
+
+@pytest.fixture(scope="module")
+def backup(stack: Stack, trained, admin_client: MlflowClient, tmp_path_factory) -> dict:
+    """What the stack holds, then `make backup` of it."""
+    workdir = tmp_path_factory.mktemp("backup")
+    before = snapshot(admin_client, stack, workdir / "before")
+    result, seconds = run_script(stack, "backup.sh", BACKUP_DIR=str(workdir / "backups"))
+    assert result.returncode == 0, f"backup failed:\n{result.stdout}\n{result.stderr}"
+    archives = list((workdir / "backups").glob("*.tar.gz"))
+    assert len(archives) == 1, archives
+    print(f"\nbackup: {seconds:.1f} s, {archives[0].stat().st_size / 1e6:.2f} MB")
+    return {"archive": archives[0], "before": before, "output": result.stdout + result.stderr,
+            "workdir": workdir, "secrets": {k: v for k, v in stack.env.items() if SECRET_NAME.search(k) and v}}
+
+
+def test_backup_writes_one_archive_with_counts_and_checksums(stack: Stack, backup):
+    archive = backup["archive"]
+    assert re.fullmatch(rf"{stack.project}-\d{{8}}T\d{{6}}Z\.tar\.gz", archive.name), archive.name
+    assert archive.stat().st_mode & 0o077 == 0, "the archive holds password hashes: owner only"
+    manifest = read_manifest(archive)
+    before = backup["before"]
+    counts = manifest["counts"]
+    assert counts["experiments"] == len(before["experiments"])
+    assert counts["runs"] == len(before["runs"])
+    assert counts["metric_rows"] == sum(len(h) for run in before["runs"].values() for h in run["metrics"].values())
+    assert counts["params"] == sum(len(run["params"]) for run in before["runs"].values())
+    assert counts["registered_models"] == len(before["models"])
+    assert counts["model_versions"] == sum(len(m["versions"]) for m in before["models"].values())
+    assert counts["aliases"] == sum(len(m["aliases"]) for m in before["models"].values())
+    assert counts["users"] == 3  # admin, trainer, serving
+    assert counts["objects"] == len(manifest["objects"]) > 0
+    assert set(manifest["files"]) == {"tracking.dump", "auth.dump", "bucket.tar"}
+    assert all(re.fullmatch(r"[0-9a-f]{64}", o["sha256"]) for o in manifest["objects"])
+    # The output names the archive and what is in it.
+    assert str(archive) in backup["output"]
+    assert f"runs: {counts['runs']}" in backup["output"]
+
+
+def test_backup_holds_no_secret_from_env(backup):
+    # Dumps and bucket.tar are stored uncompressed inside the gzip, so one scan sees every byte.
+    with gzip.open(backup["archive"]) as unzipped:
+        content = unzipped.read()
+    assert backup["secrets"], "the stack's .env has secrets to look for"
+    leaked = [name for name, value in backup["secrets"].items() if value.encode() in content]
+    assert not leaked, f"the archive contains the values of {leaked}"
+    leaked = [name for name, value in backup["secrets"].items() if value in backup["output"]]
+    assert not leaked, f"the backup printed the values of {leaked}"
+
+
+def test_a_damaged_archive_is_refused_and_the_stack_keeps_running(stack: Stack, backup):
+    damaged = backup["workdir"] / "damaged.tar.gz"
+    data = bytearray(backup["archive"].read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    result, _ = run_script(stack, "restore.sh", str(damaged), CONFIRM="yes")
+    assert result.returncode != 0
+    assert "Refusing" in result.stderr and "Nothing was changed" in result.stderr, result.stderr
+    running = stack.compose("ps", "--status", "running", "--services").stdout.split()
+    assert {"mlflow", "serving"} <= set(running), running
+
+
+def rotate_secret(stack: Stack, name: str) -> str:
+    """A new value for one secret in the stack's env file, as another installation would have."""
+    value = secrets.token_urlsafe(24)
+    lines = [line for line in stack.env_file.read_text().splitlines() if not line.startswith(f"{name}=")]
+    stack.env_file.write_text("\n".join(lines + [f"{name}={value}"]) + "\n")
+    stack.env[name] = value
+    return value
+
+
+def test_restore_into_a_fresh_stack_brings_everything_back(stack: Stack, backup, admin_client: MlflowClient):
+    before = backup["before"]
+    admin = stack.env["MLFLOW_ADMIN_USERNAME"]
+    old_admin_password = stack.env["MLFLOW_ADMIN_PASSWORD"]
+
+    # The stack is lost; a new one, on new volumes, has its own admin and serving passwords.
+    stack.compose("--profile", "train", "down", "--volumes", "--remove-orphans")
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = rotate_secret(stack, "MLFLOW_ADMIN_PASSWORD")
+    rotate_secret(stack, "SERVING_PASSWORD")
+    stack.compose("up", "-d", "--wait", "--wait-timeout", "300")
+    assert not admin_client.search_runs([e.experiment_id for e in admin_client.search_experiments()]), \
+        "a fresh stack has no runs yet"
+
+    result, seconds = run_script(stack, "restore.sh", str(backup["archive"]), CONFIRM="yes")
+    assert result.returncode == 0, f"restore failed:\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}"
+    print(f"\nrestore: {seconds:.1f} s")
+
+    after = snapshot(admin_client, stack, backup["workdir"] / "after")
+    assert after == before
+
+    # This stack's .env logs in; the backup's admin password does not.
+    assert requests.get(stack.mlflow_url + SEARCH, auth=(admin, old_admin_password), timeout=10).status_code == 401
+    assert requests.get(stack.mlflow_url + SEARCH, auth=stack.credentials("admin"), timeout=10).status_code == 200
+    # Serving logs in with its new password and serves the alias holder again.
+    alias = stack.env["MODEL_ALIAS"]
+    stack.wait_served_version(before["models"][stack.env["MODEL_NAME"]]["aliases"][alias], timeout=180)
+
+    # Backed up again, the restored stack gives the same counts and the same objects, byte for byte.
+    again, _ = run_script(stack, "backup.sh", BACKUP_DIR=str(backup["workdir"] / "again"))
+    assert again.returncode == 0, f"second backup failed:\n{again.stdout}\n{again.stderr}"
+    first = read_manifest(backup["archive"])
+    second = read_manifest(next((backup["workdir"] / "again").glob("*.tar.gz")))
+    assert second["counts"] == first["counts"]
+    assert second["objects"] == first["objects"]
