@@ -38,7 +38,7 @@ class SteadyClient:
                     self.answers.append((time.monotonic(), response.headers.get("X-Model-Version", "?")))
                 else:
                     self.failures.append(f"{response.status_code}: {response.text[:200]}")
-            except requests.RequestException as error:
+            except Exception as error:  # noqa: BLE001 - every failure counts, none ends the client
                 self.failures.append(repr(error))
 
     def first_answer_from(self, version: str, after: float) -> float | None:
@@ -68,7 +68,9 @@ def versions(stack: Stack, trained, admin_client: MlflowClient):
         assert v2["promoted"].startswith("yes"), v2
         assert alias_version(admin_client, stack) == v2["version"]
         # Generous bound for the wait itself; the 30 s promise is asserted by a test below.
-        poll("a response from the new version", lambda: client.first_answer_from(v2["version"], 0), timeout=180)
+        poll(f"a response from version {v2['version']} (answers so far: {len(client.answers)}, "
+             f"failures: {client.failures[:2]})",
+             lambda: client.first_answer_from(v2["version"], 0), timeout=180)
         # Keep the client running a little past the switch, so in-flight overlap is covered.
         poll("more answers after the switch",
              lambda: sum(1 for t, _ in client.answers if t > moved_at) > 50, timeout=60)
@@ -91,9 +93,9 @@ def test_new_version_answers_within_30_seconds_of_the_alias_move(versions):
     first = client.first_answer_from(versions["v2"], 0)
     # The alias moved before the trainer printed its last line; `moved_at` is an upper bound.
     assert first is not None and first - versions["moved_at"] <= 30
-    # Once the new version answered, the old one no longer does.
+    # Each worker switches on its own poll; soon after the first, the old version is gone.
     last_old = max((t for t, v in client.answers if v == versions["v1"]), default=0)
-    assert last_old <= first + 5
+    assert last_old <= first + 15
 
 
 def test_broken_version_is_not_switched_to_and_rollback_restores(stack: Stack, versions, admin_client):
