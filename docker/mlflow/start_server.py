@@ -55,6 +55,11 @@ def write_auth_config() -> str:
             "[mlflow]\n"
             f"default_permission = {settings.optional('MLFLOW_DEFAULT_PERMISSION', 'READ')}\n"
             f"database_uri = {settings.postgres_uri(settings.auth_db())}\n"
+            # Every API call checks a password hash, which costs tens of milliseconds of CPU;
+            # remembering a successful check briefly makes polling clients (serving) cheap.
+            # A password changed through the API is seen at once by the worker that took the
+            # change and by the others within this many seconds.
+            f"auth_cache_ttl_seconds = {settings.optional('MLFLOW_AUTH_CACHE_SECONDS', '30')}\n"
         )
     return path
 
