@@ -137,8 +137,8 @@ def markdown(report) -> str:
                      f"{'met' if met[f'failed_poll_{key}'] else 'MISSED'} |")
     lines += ["", f"p99 latency of the client's answers: {fmt(f['p99_ms_before_median'], '.1f')} ms before a move, "
               f"{fmt(f['p99_ms_during_median'], '.1f')} ms from the move until every worker had switched "
-              f"(medians over switches): preparing a version runs on each worker's watcher thread, beside "
-              f"the requests.", "",
+              f"(medians over switches). A version is prepared on each worker's watcher thread, beside the "
+              f"requests; this is what that costs the requests in flight.", "",
               "Every switch:", "",
               "| # | poll s | versions | first new s | all switched s | last old answer s | requests | failed | "
               "others' CPU share | load 1 min |",
