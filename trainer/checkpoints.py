@@ -7,7 +7,9 @@ from that global step, so the stopped run keeps its honest KILLED or FAILED stat
 """
 
 import re
+import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import mlflow
@@ -45,14 +47,38 @@ def state(model, optimizer, progress, config):
     }
 
 
-def save(model, optimizer, progress, config):
-    """Log a checkpoint to the active run and return its artifact path."""
-    name = f"epoch-{progress.epoch:03d}-step-{progress.global_step:09d}.pt"
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / name
-        torch.save(state(model, optimizer, progress, config), path)
-        mlflow.log_artifact(str(path), artifact_path=ARTIFACT_DIR)
-    return f"{ARTIFACT_DIR}/{name}"
+class Uploads:
+    """Writes checkpoints at once and uploads them to the run in a background thread.
+
+    The file is a snapshot taken between steps; only the upload, which waits on the
+    tracking server, overlaps with the next epoch. wait() surfaces any failed upload.
+    """
+
+    def __init__(self, run_id, client=None):
+        self.run_id = run_id
+        self.client = client or MlflowClient()
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
+        self.pending = []
+
+    def save(self, model, optimizer, progress, config):
+        """Snapshot the training state, queue its upload, return its artifact path."""
+        name = f"epoch-{progress.epoch:03d}-step-{progress.global_step:09d}.pt"
+        folder = Path(tempfile.mkdtemp(prefix="checkpoint-"))
+        torch.save(state(model, optimizer, progress, config), folder / name)
+        self.pending.append(self.executor.submit(self._upload, folder, name))
+        return f"{ARTIFACT_DIR}/{name}"
+
+    def _upload(self, folder, name):
+        try:
+            # The client, not the fluent API: the active run is thread-local.
+            self.client.log_artifact(self.run_id, str(folder / name), artifact_path=ARTIFACT_DIR)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    def wait(self):
+        pending, self.pending = self.pending, []
+        for upload in pending:
+            upload.result()
 
 
 def latest(run_id, client=None):

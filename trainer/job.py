@@ -191,12 +191,11 @@ def run_tracked(conf, device, train_split, test_split, dataset_sha256):
     if resumed is not None:
         tags.update({"resumed_from": conf.resume_from, "resumed_checkpoint": resumed_path})
 
-    logger = None
+    logger = uploads = None
     saved_step = [progress.global_step if resumed is not None else -1]
 
     def save_checkpoint(p):
-        logger.flush()
-        checkpoints.save(model, optimizer, p, conf)
+        uploads.save(model, optimizer, p, conf)
         saved_step[0] = p.global_step
 
     # Signals are caught from before the run exists, so no window leaves it RUNNING.
@@ -207,6 +206,7 @@ def run_tracked(conf, device, train_split, test_split, dataset_sha256):
         say(f"run {run_id} started: {url}")
         try:
             logger = tracking.MetricLogger(run_id)
+            uploads = checkpoints.Uploads(run_id)
             mlflow.log_params(params_of(conf, device, model, train_split, test_split))
             mlflow.log_text(architectures.summary(model, conf.arch), "model_summary.txt")
             evaluation = fit(model, optimizer, train_split, test_split, conf, device, progress,
@@ -216,13 +216,16 @@ def run_tracked(conf, device, train_split, test_split, dataset_sha256):
             if evaluation is None:
                 evaluation = loop.evaluate(model, test_split, device)
             logger.flush()
+            uploads.wait()
             version, decision = publish(model, evaluation, test_split, conf, run_id, dataset_sha256)
         except loop.StopRequested:
-            if saved_step[0] != progress.global_step:
-                try:
+            try:
+                if saved_step[0] != progress.global_step:
                     save_checkpoint(progress)
-                except BaseException as error:  # noqa: BLE001 - a second Ctrl-C included: end KILLED anyway
-                    warn(f"could not save the final checkpoint: {error or type(error).__name__}")
+                uploads.wait()
+                logger.flush()
+            except BaseException as error:  # noqa: BLE001 - a second Ctrl-C included: end KILLED anyway
+                warn(f"could not save the final checkpoint: {error or type(error).__name__}")
             tracking.end_run("KILLED")
             say(f"stopped by {stop.received} at global step {progress.global_step}; "
                 f"continue with --resume-from {run_id}")

@@ -124,3 +124,36 @@ def test_without_tracking_nothing_is_logged(train, store):
     assert result.code == 0
     assert result.summary == {"run": "none (tracking off)", "version": "none", "promoted": "no (tracking off)"}
     assert mlflow.search_runs(search_all_experiments=True, output_format="list") == []
+
+
+class FakeClient:
+    """Records what MetricLogger hands to MLflow."""
+
+    class Done:
+        def wait(self):
+            pass
+
+    def __init__(self):
+        self.batches = []
+
+    def log_batch(self, run_id, metrics, synchronous):
+        assert synchronous is False
+        self.batches.append([(m.key, m.value, m.step) for m in metrics])
+        return self.Done()
+
+
+def test_metrics_are_sent_in_batches_at_most_every_interval():
+    now = [0.0]
+    client = FakeClient()
+    logger = tracking.MetricLogger("r" * 32, client=client, interval_s=5, clock=lambda: now[0])
+    logger.log({"train_loss": 2.0, "train_accuracy": 0.1}, step=50)
+    now[0] = 4.9
+    logger.log({"train_loss": 1.0}, step=100)
+    assert client.batches == []  # nothing on the wire yet: the step goes on
+    now[0] = 5.0
+    logger.log({"train_loss": 0.5}, step=150)
+    assert client.batches == [[("train_loss", 2.0, 50), ("train_accuracy", 0.1, 50),
+                               ("train_loss", 1.0, 100), ("train_loss", 0.5, 150)]]
+    logger.log({"eval_accuracy": 0.9}, step=150)
+    logger.flush()
+    assert client.batches[-1] == [("eval_accuracy", 0.9, 150)]
