@@ -99,6 +99,35 @@ class Project:
         return out.stdout.split()
 
 
+def timeline(project: Project, since: float) -> dict:
+    """For each container of the project: seconds from `since` (epoch) until it started,
+    until its first passing health check, and until it exited (one-shot services), read
+    from the engine's own records: where the time of an `up` went."""
+    from datetime import datetime
+
+    def at(text):
+        if not text or text.startswith("0001-"):
+            return None
+        # The engine writes nanoseconds; Python reads microseconds.
+        text = re.sub(r"(\.\d{6})\d+", r"\1", text.replace("Z", "+00:00"))
+        return round(datetime.fromisoformat(text).timestamp() - since, 2)
+
+    out = {}
+    for cid in project.container_ids():
+        info = subprocess.run(["docker", "inspect", cid], capture_output=True, text=True)
+        try:
+            c = json.loads(info.stdout)[0]
+        except (ValueError, IndexError):
+            continue
+        name = c["Name"].lstrip("/").removeprefix(project.name + "-")
+        state = c["State"]
+        healthy = [at(h.get("End")) for h in (state.get("Health") or {}).get("Log", []) if h.get("ExitCode") == 0]
+        out[name] = {"started_s": at(state.get("StartedAt")),
+                     "first_healthy_s": min((h for h in healthy if h is not None), default=None),
+                     "exited_s": None if state.get("Running") else at(state.get("FinishedAt"))}
+    return dict(sorted(out.items(), key=lambda kv: kv[1]["started_s"] or 0))
+
+
 class Window:
     """The machine's busy share and load average over one step, and roughly how much of it
     was other work: the machine's busy time less what this project's containers used
@@ -234,6 +263,26 @@ def train_and_follow(project: Project, port: int, poller: Poller, env: dict) -> 
     }
 
 
+def services_table(f) -> list[str]:
+    """Where the first fresh and the first restarted `up` spent their time, per service."""
+    fresh, restart = f["fresh_services"], f["restart_services"]
+    if not fresh:
+        return []
+    lines = ["Per service, seconds after `up` began (first round): started / first passing health check / "
+             "exited (one-shot services). The engine keeps a container's last five checks only, so for a "
+             "service that was healthy long before `up` returned the middle figure is a late bound.", "",
+             "| service | fresh | restart |", "|---|---|---|"]
+
+    def cell(d):
+        if not d:
+            return "n/a"
+        return " / ".join(fmt(d.get(k), ".1f", "-") for k in ("started_s", "first_healthy_s", "exited_s"))
+
+    for name in fresh:
+        lines.append(f"| {name} | {cell(fresh.get(name))} | {cell(restart.get(name))} |")
+    return lines + [""]
+
+
 def markdown(report) -> str:
     f, s, m = report["figures"], report["settings"], report["machine"]
     met = report["targets_met"]
@@ -253,7 +302,7 @@ def markdown(report) -> str:
         f"| restart: from `up` returning to the first prediction | "
         f"{', '.join(fmt(x, '.1f') for x in f['restart_to_prediction_s'])} | "
         f"{fmt(common.median([x for x in f['restart_to_prediction_s'] if x is not None]), '.1f')} |",
-        "", "| target | result | |", "|---|---:|---|",
+        "", *services_table(f), "| target | result | |", "|---|---:|---|",
         f"| fresh `up` to all healthy <= {TARGET_UP_S:g} s | median {fmt(f['fresh_up_median_s'], '.1f')} s, max "
         f"{fmt(max(f['fresh_up_s']), '.1f')} s | {'met' if met['fresh_up'] else 'MISSED'} |",
         f"| restart `up` to all healthy <= {TARGET_UP_S:g} s | median {fmt(f['restart_up_median_s'], '.1f')} s, max "
@@ -325,8 +374,10 @@ def main():
         for r in range(args.rounds):
             common.wait_until_quiet(args.quiet_threshold, args.quiet_patience)
             with Window(project) as w:
+                began = time.time()
                 _, seconds = project.run("up", "-d", "--wait", "--wait-timeout", "300", "--no-build", "--pull", "never")
-            steps["fresh_up"].append({"seconds": round(seconds, 2), **w.as_dict()})
+            steps["fresh_up"].append({"seconds": round(seconds, 2), **w.as_dict(),
+                                      "services": timeline(project, began)})
             log(f"round {r + 1}: fresh up in {seconds:.1f} s (load {w.load_before[0]:.1f} -> {w.load_after[0]:.1f})")
             if r == 0:
                 idle = idle_cpu(project, 20)
@@ -343,14 +394,17 @@ def main():
                         f"{fmt(t['trainer_exit_to_first_prediction_s'], '.2f')} s after the trainer exited")
                 poller.halt.set()
                 poller.join()
-            served = steps["training"][-1]["version"] if steps["training"] else None
+            # Only the first round trains; later rounds restart a stack with no model in it.
+            served = steps["training"][-1]["version"] if r == 0 and steps["training"] else None
             with Window(project) as w:
                 _, seconds = project.run("--profile", "train", "down")
             steps["down"].append({"seconds": round(seconds, 2), **w.as_dict()})
             common.wait_until_quiet(args.quiet_threshold, args.quiet_patience)
             with Window(project) as w:
+                began = time.time()
                 _, seconds = project.run("up", "-d", "--wait", "--wait-timeout", "300", "--no-build", "--pull", "never")
                 returned = time.monotonic()
+                services = timeline(project, began)
                 to_prediction = None
                 if served:
                     deadline = returned + 180
@@ -365,7 +419,7 @@ def main():
                         except OSError:
                             pass
                         time.sleep(0.1)
-            steps["restart_up"].append({"seconds": round(seconds, 2), **w.as_dict()})
+            steps["restart_up"].append({"seconds": round(seconds, 2), **w.as_dict(), "services": services})
             steps["restart_to_prediction"].append(round(to_prediction, 2) if to_prediction is not None else None)
             log(f"round {r + 1}: restart up in {seconds:.1f} s, first prediction "
                 f"{fmt(to_prediction, '.1f')} s later (load {w.load_before[0]:.1f} -> {w.load_after[0]:.1f})")
@@ -388,6 +442,8 @@ def main():
         "restart_to_prediction_s": steps["restart_to_prediction"],
         "training": steps["training"],
         "idle_cpu_cores": idle,
+        "fresh_services": steps["fresh_up"][0].get("services", {}) if steps["fresh_up"] else {},
+        "restart_services": steps["restart_up"][0].get("services", {}) if steps["restart_up"] else {},
         "load_1min_range": [min(loads), max(loads)],
         "median_busy_share": common.median([wd["machine_busy_share"] for wd in windows]),
         "median_others_share": common.median(others), "max_others_share": max(others),
