@@ -33,6 +33,12 @@ INLINE_MAX_BYTES = 64 * 1024
 DRAIN_BYTES = 64 * 1024 * 1024
 DRAIN_SECONDS = 10.0
 
+# A client that declares more body than it sends would otherwise hold its connection (and
+# what it sent so far, up to the body limit) for as long as it likes. No byte of the body
+# for this long answers 408, as nginx's client_body_timeout does (60 s there; a scoring
+# client on a working network never pauses this long mid-body).
+BODY_IDLE_SECONDS = 10.0
+
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -56,6 +62,11 @@ def _header(scope, name: bytes) -> bytes | None:
         if key == name:
             return value
     return None
+
+
+def _identity_only(coding: bytes) -> bool:
+    """True when a Content-Encoding header lists no coding but "identity" (or none)."""
+    return all(c.strip().lower() in (b"", b"identity") for c in coding.split(b","))
 
 
 def _media_type(value: bytes) -> tuple[str, dict[str, str]]:
@@ -123,6 +134,7 @@ class ServingApp:
         self._executor: ThreadPoolExecutor | None = None
         self._name_header = [(b"x-model-name", settings.model_name.encode("latin-1", "replace"))]
         self._batcher = _Batcher(settings.batch_max_rows) if settings.batch_max_rows > 1 else None
+        self.body_idle_seconds = BODY_IDLE_SECONDS
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -217,6 +229,16 @@ class ServingApp:
             retry = str(max(1, round(self.settings.poll_seconds))).encode()
             return await self._send(send, reply, None, [(b"retry-after", retry)])
 
+        coding = _header(scope, b"content-encoding")
+        if coding is not None and not _identity_only(coding):
+            # Undecoded, a compressed body would be answered as if it were malformed JSON.
+            return await self._send(
+                send,
+                error_reply(415, f"Content-Encoding {coding.decode('latin-1')!r} is not supported; "
+                            "send the body uncompressed"),
+                model,
+                [(b"accept-encoding", b"identity")],
+            )
         content_type = _header(scope, b"content-type")
         if content_type is None:
             return await self._send(
@@ -264,19 +286,35 @@ class ServingApp:
         chunks = []
         size = 0
         more = True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise _ClientGone()
-            chunk = message.get("body", b"")
-            more = message.get("more_body", False)
-            size += len(chunk)
-            if size > limit:
-                if more:
-                    await self._discard(receive, DRAIN_BYTES - size)
-                await self._too_large(send, model, f"more than {limit} bytes")
-                return None
-            chunks.append(chunk)
+        loop = asyncio.get_running_loop()
+        try:
+            # One timeout for the whole read, pushed back whenever part of the body arrives.
+            async with asyncio.timeout(loop.time() + self.body_idle_seconds) as idle:
+                while more and size <= limit:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        raise _ClientGone()
+                    chunk = message.get("body", b"")
+                    more = message.get("more_body", False)
+                    size += len(chunk)
+                    chunks.append(chunk)
+                    idle.reschedule(loop.time() + self.body_idle_seconds)
+        except TimeoutError:
+            await self._send(
+                send,
+                error_reply(408, f"The request body stopped arriving: nothing for {self.body_idle_seconds:g} s "
+                            f"after {size} bytes. Send the whole body (as long as Content-Length says) "
+                            "without pausing."),
+                model,
+                [(b"connection", b"close")],
+            )
+            return None
+        if size > limit:
+            chunks.clear()
+            if more:
+                await self._discard(receive, DRAIN_BYTES - size)
+            await self._too_large(send, model, f"more than {limit} bytes")
+            return None
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _discard(self, receive, budget: int) -> None:

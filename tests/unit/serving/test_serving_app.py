@@ -6,6 +6,7 @@ import json
 import threading
 import time
 
+import malformed_requests
 import numpy as np
 import pytest
 from serving_helpers import ONE_IMAGE_BODY, async_wait_until, call, post_json, wait_until
@@ -253,70 +254,19 @@ def _json(document):
     return json.dumps(document).encode()
 
 
-BAD_INPUTS = {
-    "not JSON": (b"{this is not json", "application/json"),
-    "empty body": (b"", "application/json"),
-    "JSON list instead of object": (b"[1, 2, 3]", "application/json"),
-    "JSON string": (b'"hello"', "application/json"),
-    "missing inputs key": (_json({"data": _image()}), "application/json"),
-    "two input keys": (_json({"inputs": _image(), "instances": _image()}), "application/json"),
-    "inputs null": (b'{"inputs": null}', "application/json"),
-    "inputs scalar": (b'{"inputs": 3}', "application/json"),
-    "inputs empty list": (b'{"inputs": []}', "application/json"),
-    "inputs object": (b'{"inputs": {"a": 1}}', "application/json"),
-    "wrong shape (flat)": (_json({"inputs": [[0.5] * 784]}), "application/json"),
-    "wrong shape (no channel)": (_json({"inputs": _image(shape=(1, 28, 28))}), "application/json"),
-    "wrong shape (27 rows)": (_json({"inputs": _image(shape=(1, 1, 27, 28))}), "application/json"),
-    "ragged rows": (
-        _json({"inputs": [[[[0.5] * 28] * 27 + [[0.5] * 3]]]}),
-        "application/json",
-    ),
-    "strings instead of numbers": (
-        _json({"inputs": [[[["a"] * 28] * 28]]}),
-        "application/json",
-    ),
-    "NaN": (b'{"inputs": ' + _json(_image()).replace(b"0.5", b"NaN", 1) + b"}", "application/json"),
-    "Infinity": (
-        b'{"inputs": ' + _json(_image()).replace(b"0.5", b"Infinity", 1) + b"}",
-        "application/json",
-    ),
-    "overflowing float32": (_json({"inputs": _image(1e300)}), "application/json"),
-    "integer too long to parse": (
-        b'{"inputs": [[[[' + b"9" * 5000 + b"]]]]}",
-        "application/json",
-    ),
-    "absurdly deep nesting": (b"[" * 100000 + b"]" * 100000, "application/json"),
-    "invalid UTF-8": (b'{"inputs": "\xff\xfe"}', "application/json"),
-    "dataframe of the wrong columns": (
-        _json({"dataframe_split": {"columns": ["a"], "data": [[1]]}}),
-        "application/json",
-    ),
-    "nesting deeper than numpy allows": (
-        b'{"inputs": ' + b"[" * 100 + b"0.5" + b"]" * 100 + b"}",
-        "application/json",
-    ),
-    "instances null": (b'{"instances": null}', "application/json"),
-    "instances of records": (_json({"instances": [{"a": 1}]}), "application/json"),
-    "dataframe_split not an object": (b'{"dataframe_split": 5}', "application/json"),
-    "dataframe_split without data": (_json({"dataframe_split": {"columns": 1}}), "application/json"),
-    "dataframe_records not a list": (b'{"dataframe_records": "x"}', "application/json"),
-    "only params": (b'{"params": {}}', "application/json"),
-    "chat messages": (b'{"messages": 1}', "application/json"),
-    "completion prompt": (b'{"prompt": null}', "application/json"),
-    "unsupported content type": (_json({"inputs": _image()}), "text/plain"),
-    "unsupported charset": (_json({"inputs": _image()}), "application/json; charset=latin-1"),
-    "unknown content-type parameter": (_json({"inputs": _image()}), "application/json; x=y"),
-    "CSV that does not fit": (b"a,b\n1,2\n", "text/csv"),
-    "CSV that is not UTF-8": (b"\xff\xfe\x00", "text/csv"),
-    "parquet that is not parquet": (b"PAR1 nonsense", "application/vnd.apache.parquet"),
-}
+# The request framing cases need a real HTTP server; the integration tests send them.
+IN_PROCESS_CASES = [case for case in malformed_requests.CASES if not case.wire_only]
 
 
-@pytest.mark.parametrize("case", list(BAD_INPUTS))
+@pytest.mark.parametrize("case", IN_PROCESS_CASES, ids=lambda case: case.name)
 def test_bad_input_gets_4xx_json(served, case):
-    body, content_type = BAD_INPUTS[case]
-    r = asyncio.run(post_json(served, body, content_type))
+    r = asyncio.run(
+        call(served, "POST", "/invocations", case.body, headers=dict(case.headers),
+             chunks=case.chunks() if case.chunked else None)
+    )
     assert 400 <= r.status < 500, (r.status, r.body[:300])
+    if case.status is not None:
+        assert r.status == case.status, (r.status, r.body[:300])
     document = r.json()
     assert document["message"] and document["error_code"]
     assert len(document["message"]) <= 2200  # inputs are not echoed back whole
@@ -324,9 +274,50 @@ def test_bad_input_gets_4xx_json(served, case):
     assert served.watcher.current is not None
 
 
+def test_compressed_body_is_refused_with_the_encodings_accepted(served):
+    gzipped = malformed_requests.BY_NAME["gzip body"]
+    r = asyncio.run(call(served, "POST", "/invocations", gzipped.body, headers=dict(gzipped.headers)))
+    assert r.status == 415 and "Content-Encoding" in r.json()["message"]
+    assert r.headers["accept-encoding"] == "identity"
+    plain = asyncio.run(call(served, "POST", "/invocations", ONE_IMAGE_BODY,
+                             headers={"content-type": "application/json", "content-encoding": "identity"}))
+    assert plain.status == 200
+
+
+def test_body_that_stops_arriving_gets_408(served, monkeypatch):
+    """A client that sends part of what Content-Length declares, then nothing, is answered
+    408 once serving stops waiting, and its connection is closed."""
+    monkeypatch.setattr(served, "body_idle_seconds", 0.2)
+    declared = len(ONE_IMAGE_BODY) + 100
+    sent = []
+
+    async def scenario():
+        arrived = asyncio.Event()
+
+        async def receive():
+            if not arrived.is_set():
+                arrived.set()
+                return {"type": "http.request", "body": ONE_IMAGE_BODY, "more_body": True}
+            await asyncio.Event().wait()  # the rest never comes
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "POST", "path": "/invocations", "query_string": b"",
+                 "headers": [(b"content-type", b"application/json"),
+                             (b"content-length", str(declared).encode())]}
+        await asyncio.wait_for(served(scope, receive, send), timeout=10)
+
+    asyncio.run(scenario())
+    start, body = sent
+    headers = dict(start["headers"])
+    assert start["status"] == 408 and headers[b"connection"] == b"close"
+    assert "stopped arriving" in json.loads(body["body"])["message"]
+
+
 def test_specific_status_codes(served):
     async def scenario():
-        nan = await post_json(served, BAD_INPUTS["NaN"][0])
+        nan = await post_json(served, malformed_requests.BY_NAME["NaN"].body)
         assert nan.status == 400 and "NaN or infinity" in nan.json()["message"]
         assert (await post_json(served, b'{"inputs": 1}', "text/plain")).status == 415
         no_type = await call(served, "POST", "/invocations", ONE_IMAGE_BODY)
@@ -376,7 +367,7 @@ def test_concurrent_requests_are_batched_without_changing_answers(served):
     own answer, and a bad one among them gets its own 400 without failing the others."""
     rng = np.random.default_rng(1)
     bodies = [_json({"inputs": rng.random((n, 1, 28, 28)).tolist()}) for n in (1, 1, 2, 1, 3)]
-    bad = BAD_INPUTS["NaN"][0]
+    bad = malformed_requests.BY_NAME["NaN"].body
 
     async def scenario():
         alone = [await post_json(served, b) for b in bodies]
