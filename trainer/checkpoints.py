@@ -10,12 +10,14 @@ import re
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 
 import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
+from trainer import tracking
 from trainer.loop import Progress
 
 ARTIFACT_DIR = "checkpoints"
@@ -54,9 +56,10 @@ class Uploads:
     tracking server, overlaps with the next epoch. wait() surfaces any failed upload.
     """
 
-    def __init__(self, run_id, client=None):
+    def __init__(self, run_id, client=None, outage_s=300.0):
         self.run_id = run_id
         self.client = client or MlflowClient()
+        self.outage_s = outage_s
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
         self.pending = []
 
@@ -70,8 +73,11 @@ class Uploads:
 
     def _upload(self, folder, name):
         try:
-            # The client, not the fluent API: the active run is thread-local.
-            self.client.log_artifact(self.run_id, str(folder / name), artifact_path=ARTIFACT_DIR)
+            # The client, not the fluent API: the active run is thread-local. Retried here,
+            # in the background, so an S3 or server restart does not stop training.
+            tracking.during_run(f"uploading checkpoint {name}",
+                                partial(self.client.log_artifact, self.run_id, str(folder / name),
+                                        artifact_path=ARTIFACT_DIR), self.outage_s)
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 

@@ -53,6 +53,7 @@ class Config:
     model_alias: str
     promotion_policy: str
     connect_timeout: float
+    outage_timeout: float
     resume_from: str | None
 
 
@@ -215,6 +216,8 @@ OPTIONS = (
            "if-better moves the alias only when eval accuracy beats the holder's"),
     Option("--connect-timeout", "TRAINER_CONNECT_TIMEOUT", "60", real(0, 3600),
            "seconds to keep retrying an unreachable tracking server"),
+    Option("--outage-timeout", "TRAINER_OUTAGE_TIMEOUT", "300", real(0, 86400),
+           "seconds to wait, mid-run, for a tracking server or artifact store that stopped answering"),
     Option("--resume-from", "TRAINER_RESUME_FROM", "", optional(pattern(RUN_ID, "a 32-character run id")),
            "continue from the last checkpoint of this run, in a new run"),
 )

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import mlflow
@@ -145,25 +146,35 @@ def params_of(conf, device, model, train_split, test_split):
     return {key: "" if value is None else value for key, value in params.items()}
 
 
+def tracked(conf, what, call, *args, **kwargs):
+    """call(*args, **kwargs), waiting out a tracking server or S3 restart (--outage-timeout)."""
+    return tracking.during_run(what, partial(call, *args, **kwargs), conf.outage_timeout)
+
+
 def publish(model, evaluation, test_split, conf, run_id, dataset_sha256):
-    """Log the served model and evaluation artifacts, register a version, apply the policy."""
+    """Log the served model and evaluation artifacts, register a version, apply the policy.
+
+    Each step waits out a tracking server or S3 restart (--outage-timeout) on its own, so a
+    retry never repeats a step that already took effect, such as a registration.
+    """
     confusion = evaluation["confusion"]
     figure = report.confusion_figure(confusion, data.CLASSES,
                                      f"{conf.arch}: eval accuracy {evaluation['accuracy']:.4f}")
-    mlflow.log_figure(figure, "confusion_matrix.png")
-    mlflow.log_table(report.per_class_table(confusion, data.CLASSES), artifact_file="per_class_accuracy.json")
-    model_info = export.log_served_model(model, test_split, conf.arch)
-    version = registry.register(model_info.model_uri, conf.model_name, run_id, {
+    tracked(conf, "logging the confusion matrix", mlflow.log_figure, figure, "confusion_matrix.png")
+    tracked(conf, "logging the per-class table", mlflow.log_table, report.per_class_table(confusion, data.CLASSES),
+         artifact_file="per_class_accuracy.json")
+    model_info = tracked(conf, "logging the model", export.log_served_model, model, test_split, conf.arch)
+    version = tracked(conf, "registering the model", registry.register, model_info.model_uri, conf.model_name, run_id, {
         "eval_accuracy": f"{evaluation['accuracy']:.6f}",
         "eval_loss": f"{evaluation['loss']:.6f}",
         "eval_samples": len(test_split),
         "dataset_sha256": dataset_sha256,
         "architecture": conf.arch,
     })
-    decision = registry.promote_by_policy(conf.model_name, conf.model_alias, version.version,
-                                          conf.promotion_policy)
-    mlflow.set_tags({"registered_version": version.version,
-                     "promoted": "yes" if decision.promoted else "no"})
+    decision = tracked(conf, "moving the alias", registry.promote_by_policy, conf.model_name, conf.model_alias,
+                    version.version, conf.promotion_policy)
+    tracked(conf, "tagging the run", mlflow.set_tags, {"registered_version": version.version,
+                                               "promoted": "yes" if decision.promoted else "no"})
     return str(version.version), decision
 
 
@@ -205,10 +216,12 @@ def run_tracked(conf, device, train_split, test_split, dataset_sha256):
         url = tracking.run_url(uri, experiment.experiment_id, run_id)
         say(f"run {run_id} started: {url}")
         try:
-            logger = tracking.MetricLogger(run_id)
-            uploads = checkpoints.Uploads(run_id)
-            mlflow.log_params(params_of(conf, device, model, train_split, test_split))
-            mlflow.log_text(architectures.summary(model, conf.arch), "model_summary.txt")
+            logger = tracking.MetricLogger(run_id, outage_s=conf.outage_timeout)
+            uploads = checkpoints.Uploads(run_id, outage_s=conf.outage_timeout)
+            tracked(conf, "logging parameters", mlflow.log_params,
+                    params_of(conf, device, model, train_split, test_split))
+            tracked(conf, "logging the model summary", mlflow.log_text,
+                    architectures.summary(model, conf.arch), "model_summary.txt")
             evaluation = fit(model, optimizer, train_split, test_split, conf, device, progress,
                              logger, stop, on_epoch_end=save_checkpoint)
             if stop():
@@ -226,20 +239,20 @@ def run_tracked(conf, device, train_split, test_split, dataset_sha256):
                 logger.flush()
             except BaseException as error:  # noqa: BLE001 - a second Ctrl-C included: end KILLED anyway
                 warn(f"could not save the final checkpoint: {error or type(error).__name__}")
-            tracking.end_run("KILLED")
+            tracking.end_run("KILLED", conf.outage_timeout)
             say(f"stopped by {stop.received} at global step {progress.global_step}; "
                 f"continue with --resume-from {run_id}")
             say(f"run: {url}\nversion: none\npromoted: no (stopped by {stop.received})")
             return EXIT_SIGNAL[stop.received]
         except KeyboardInterrupt:
-            tracking.end_run("KILLED")
+            tracking.end_run("KILLED", conf.outage_timeout)
             warn(f"stopped at once; run {url} marked KILLED")
             return EXIT_SIGNAL["SIGINT"]
         except BaseException:
-            tracking.end_run("FAILED")
+            tracking.end_run("FAILED", conf.outage_timeout)
             warn(f"run {url} marked FAILED")
             raise
-        tracking.end_run("FINISHED")
+        tracking.end_run("FINISHED", conf.outage_timeout)
     say(f"run: {url}")
     say(f"version: {version}")
     say(f"promoted: {'yes' if decision.promoted else 'no'} ({decision.reason})")

@@ -111,6 +111,9 @@ def promote_by_policy(name, alias, version, policy):
     client = MlflowClient()
     candidate = client.get_model_version(name, version)
     current = holder(client, name, alias)
+    if current is not None and str(current.version) == str(version):
+        # Only a retry after a lost answer gets here: the move already took effect.
+        return Decision(True, f"version {version} already holds the alias")
     decision = decide(policy, candidate, current)
     record = {
         "promotion.policy": policy,

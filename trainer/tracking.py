@@ -10,6 +10,7 @@ import importlib.util
 import os
 import sys
 import time
+from functools import partial
 from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
@@ -18,13 +19,15 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 # Bounds for MLflow's own retries of every later request, unless the user set them:
-# its defaults (7 retries, factor 2, 120 s timeouts) can hang a failing run for minutes.
+# its defaults (7 retries, factor 2, 120 s timeouts) hang a failing call silently for
+# minutes. Longer outages are waited for by during_run(), which says what it waits for.
 HTTP_DEFAULTS = {
-    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "5",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
 }
 PROBE_TIMEOUT_S = 10
+FIRST_WAIT_S = 1.0
 MAX_BACKOFF_S = 10
 
 
@@ -77,11 +80,42 @@ def _short(error):
     return text if len(text) <= 300 else text[:297] + "..."
 
 
+class GaveUp(Exception):
+    """A transient failure outlasted the time allowed for it."""
+
+    def __init__(self, error, attempts, elapsed):
+        super().__init__(str(error))
+        self.error, self.attempts, self.elapsed = error, attempts, elapsed
+
+
+def retry_transient(call, budget_s, on_retry, sleep=time.sleep, clock=time.monotonic):
+    """Return call(), retrying transient failures with doubling waits (1, 2, 4 ... 10 s).
+
+    A permanent failure is raised at once; a transient one that lasts past budget_s raises
+    GaveUp. on_retry(error, wait) is told about each retry before its wait.
+    """
+    started = clock()
+    attempts, wait = 0, FIRST_WAIT_S
+    while True:
+        attempts += 1
+        try:
+            return call()
+        except Exception as error:  # noqa: BLE001 - classified just below
+            elapsed = clock() - started
+            if not _transient(error):
+                raise
+            if elapsed + wait > budget_s:
+                raise GaveUp(error, attempts, elapsed) from error
+            on_retry(error, wait)
+            sleep(wait)
+            wait = min(wait * 2, MAX_BACKOFF_S)
+
+
 def connect(tracking_uri, timeout_s, log=print, sleep=time.sleep, clock=time.monotonic):
     """Point MLflow at tracking_uri and prove it answers a real API call.
 
-    Retries transient failures with doubling waits (1, 2, 4 ... 10 s) until timeout_s has
-    passed, then raises TrackingUnavailable naming the URL and what was tried.
+    Retries transient failures until timeout_s has passed, then raises TrackingUnavailable
+    naming the URL and what was tried.
     """
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
@@ -91,36 +125,60 @@ def connect(tracking_uri, timeout_s, log=print, sleep=time.sleep, clock=time.mon
     shown = redact(uri)
     client = MlflowClient(uri)
     started = clock()
-    attempts, wait = 0, 1.0
-    while True:
-        attempts += 1
+
+    def probe():
         remaining = timeout_s - (clock() - started)
         probe_timeout = str(max(1, int(min(PROBE_TIMEOUT_S, max(remaining, 1)))))
-        try:
-            # A real API call: /health answers even when the host check or auth would
-            # reject every request that matters.
-            with _environment({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
-                               "MLFLOW_HTTP_REQUEST_TIMEOUT": probe_timeout}):
-                client.search_experiments(max_results=1)
-            return uri
-        except Exception as error:  # noqa: BLE001 - classified just below
-            elapsed = clock() - started
-            if not _transient(error) or not is_http(uri):
-                raise TrackingUnavailable(
-                    f"MLflow tracking at {shown} failed: {_short(error)}. Check "
-                    "MLFLOW_TRACKING_URI and MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD."
-                ) from error
-            if elapsed + wait > timeout_s:
-                raise TrackingUnavailable(
-                    f"cannot reach MLflow tracking server at {shown}: {attempts} attempt(s) "
-                    f"over {elapsed:.0f} s (limit --connect-timeout {timeout_s:g} s) failed, "
-                    f"last with: {_short(error)}. Check MLFLOW_TRACKING_URI and that the "
-                    "server is up."
-                ) from error
-            log(f"tracking server {shown} not reachable yet ({_short(error)}); "
-                f"retrying in {wait:g} s", file=sys.stderr)
-            sleep(wait)
-            wait = min(wait * 2, MAX_BACKOFF_S)
+        # A real API call: /health answers even when the host check or auth would
+        # reject every request that matters.
+        with _environment({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+                           "MLFLOW_HTTP_REQUEST_TIMEOUT": probe_timeout}):
+            client.search_experiments(max_results=1)
+
+    def on_retry(error, wait):
+        log(f"tracking server {shown} not reachable yet ({_short(error)}); "
+            f"retrying in {wait:g} s", file=sys.stderr)
+
+    def failed(error):
+        return TrackingUnavailable(
+            f"MLflow tracking at {shown} failed: {_short(error)}. Check "
+            "MLFLOW_TRACKING_URI and MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD.")
+
+    try:
+        # Only a server is worth waiting for; a local store that fails will not heal.
+        retry_transient(probe, timeout_s if is_http(uri) else 0, on_retry, sleep, clock)
+    except GaveUp as gave_up:
+        if not is_http(uri):
+            raise failed(gave_up.error) from gave_up.error
+        raise TrackingUnavailable(
+            f"cannot reach MLflow tracking server at {shown}: {gave_up.attempts} attempt(s) "
+            f"over {gave_up.elapsed:.0f} s (limit --connect-timeout {timeout_s:g} s) failed, "
+            f"last with: {_short(gave_up.error)}. Check MLFLOW_TRACKING_URI and that the "
+            "server is up."
+        ) from gave_up.error
+    except Exception as error:  # noqa: BLE001 - every other failure is permanent
+        raise failed(error) from error
+    return uri
+
+
+def during_run(what, call, budget_s, log=print, sleep=time.sleep, clock=time.monotonic):
+    """Return call(), made while a run is in progress.
+
+    When the tracking server, or the storage behind it, stops answering mid-run (a restart,
+    an upgrade), training should not be thrown away: the call is retried, saying so, for
+    up to budget_s (--outage-timeout), then TrackingUnavailable names what was lost.
+    """
+    def on_retry(error, wait):
+        log(f"tracking server not answering while {what} ({_short(error)}); retrying in {wait:g} s",
+            file=sys.stderr, flush=True)
+
+    try:
+        return retry_transient(call, budget_s, on_retry, sleep, clock)
+    except GaveUp as gave_up:
+        raise TrackingUnavailable(
+            f"gave up {what}: {gave_up.attempts} attempt(s) over {gave_up.elapsed:.0f} s "
+            f"(limit --outage-timeout {budget_s:g} s) failed, last with: {_short(gave_up.error)}"
+        ) from gave_up.error
 
 
 def run_url(tracking_uri, experiment_id, run_id):
@@ -143,14 +201,19 @@ class MetricLogger:
     to MLflow as one batch, which its worker thread sends while training goes on. One
     request every few seconds instead of one per log call keeps the tracking server's
     work, on the same CPUs in a small deployment, out of the training budget. flush()
-    sends the rest and waits, so a lost metric fails the run instead of vanishing.
+    sends the rest and waits; a batch that MLflow could not deliver is sent again for up to
+    outage_s, so a server restart loses nothing, and a metric that is still lost fails the
+    run instead of vanishing. Sending twice is safe: the server drops exact duplicates.
     """
 
-    def __init__(self, run_id, client=None, interval_s=5.0, clock=time.monotonic):
+    def __init__(self, run_id, client=None, interval_s=5.0, clock=time.monotonic, outage_s=300.0,
+                 sleep=time.sleep):
         self.run_id = run_id
         self.client = client or MlflowClient()
         self.interval_s = interval_s
         self.clock = clock
+        self.outage_s = outage_s
+        self.sleep = sleep
         self.buffer = []
         self.pending = []
         self.last_sent = clock()
@@ -163,15 +226,19 @@ class MetricLogger:
 
     def _send(self):
         if self.buffer:
-            self.pending.append(self.client.log_batch(self.run_id, metrics=self.buffer, synchronous=False))
-            self.buffer = []
+            batch, self.buffer = self.buffer, []
+            self.pending.append((batch, self.client.log_batch(self.run_id, metrics=batch, synchronous=False)))
         self.last_sent = self.clock()
 
     def flush(self):
         self._send()
         pending, self.pending = self.pending, []
-        for operation in pending:
-            operation.wait()
+        for batch, operation in pending:
+            try:
+                operation.wait()
+            except Exception:  # noqa: BLE001 - sent again below; a permanent error is raised from there
+                during_run(f"sending {len(batch)} metrics", partial(self.client.log_batch, self.run_id, metrics=batch),
+                           self.outage_s, sleep=self.sleep, clock=self.clock)
 
 
 class NoLogger:
@@ -182,16 +249,25 @@ class NoLogger:
         pass
 
 
-def end_run(status):
+def end_run(status, outage_s=300.0, sleep=time.sleep, clock=time.monotonic):
     """End the active run with status (FINISHED, FAILED or KILLED), if one is active.
 
-    A failure here is reported, not raised: it usually means the server went away, and
-    the error that brought us here is the one worth showing.
+    A run left RUNNING misleads everyone who looks at it, so a server that went away is
+    waited for (up to outage_s). A failure here is reported, not raised: the error that
+    brought us here is the one worth showing.
     """
     run = mlflow.active_run()
     if run is None:
         return
+    run_id = run.info.run_id
     try:
-        mlflow.end_run(status=status)
+        # mlflow.end_run forgets the run before telling the server, so it cannot be retried.
+        during_run(f"marking run {run_id} {status}", partial(MlflowClient().set_terminated, run_id, status),
+                   outage_s, sleep=sleep, clock=clock)
     except Exception as error:  # noqa: BLE001
-        print(f"could not mark run {run.info.run_id} {status}: {_short(error)}", file=sys.stderr)
+        print(f"could not mark run {run_id} {status}: {_short(error)}. It shows as RUNNING until "
+              f"it is ended, for example with MlflowClient().set_terminated('{run_id}', '{status}').",
+              file=sys.stderr, flush=True)
+    # Stops the system-metrics thread; the server already has the status, or is gone.
+    with contextlib.suppress(Exception):
+        mlflow.end_run(status=status)
