@@ -1,0 +1,92 @@
+"""The tracking server's `authorization_function`: MLflow's own basic auth, after refusing
+with a 4xx the requests that MLflow 3.17's permission checks would otherwise answer with a
+500 and a Flask HTML page.
+
+MLflow runs its permission checks in a `before_request` hook, before its handlers validate
+anything, and some inputs break them:
+
+  Authorization: Bearer ...      no username or password; the credential cache hashes None
+  {"experiment_id": ["1"]}       an id that is a list or an object is used as a dict key
+  [[[[...100k levels           json.loads raises RecursionError, which get_json(silent=True)
+                                 does not catch
+  "not json" (a JSON string)     read as a double-encoded body by the handlers, whose second
+                                 json.loads fails unguarded
+
+Only the request line, the headers and JSON bodies are looked at; artifact uploads and
+other non-JSON bodies pass untouched.
+"""
+
+from __future__ import annotations
+
+import json
+
+from flask import Response, g, request
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.server import auth
+
+# The names MLflow 3.17's permission checks read from a request (`_get_request_param`); each
+# must hold one value.
+_SINGLE_VALUED = frozenset({
+    "dataset_id", "endpoint_id", "experiment_id", "experiment_name", "is_admin", "issue_id",
+    "job_id", "model_definition_id", "model_id", "name", "password", "permission", "queue_id",
+    "request_id", "resource_id", "resource_pattern", "resource_type", "role_id",
+    "role_permission_id", "run_id", "run_uuid", "schema_id", "scorer_name", "secret_id",
+    "trace_id", "username", "workspace",
+})
+_METHODS_WITH_JSON_BODIES = frozenset({"POST", "PATCH", "DELETE"})
+
+
+def authenticate_request():
+    """Named in the auth config's `authorization_function`."""
+    credentials = request.authorization
+    if credentials is None or credentials.type != "basic" or None in (credentials.username, credentials.password):
+        return auth.make_basic_auth_response()
+    result = auth.authenticate_request_basic_auth()
+    if isinstance(result, Response):
+        return result  # unauthenticated clients learn nothing about their bodies
+    # MLflow calls this several times per request; the body is looked at once.
+    if not g.get("auth_guard_body_checked"):
+        g.auth_guard_body_checked = True
+        refusal = _body_refusal()
+        if refusal is not None:
+            return refusal
+    return result
+
+
+def _body_refusal() -> Response | None:
+    if request.method not in _METHODS_WITH_JSON_BODIES or not request.is_json:
+        return None
+    try:
+        raw = request.get_data(cache=True)  # cached: MLflow's own parsing reads it again
+    except Exception:  # noqa: BLE001 - an unreadable body is MLflow's to answer, as before
+        return None
+    body, problem = _parse(raw)
+    if problem is None and isinstance(body, str):
+        body, problem = _parse(body)  # what the handlers do with a double-encoded body
+        if problem == "malformed":
+            return _bad_request("The request body is a JSON string that does not hold a JSON document.")
+    if problem == "too deep":
+        return _bad_request("The request body nests JSON arrays or objects too deeply.")
+    if problem is not None:
+        return None  # malformed JSON: MLflow answers it with its own 400
+    if isinstance(body, dict):
+        for key in _SINGLE_VALUED.intersection(body):
+            if isinstance(body[key], (list, dict)):
+                kind = "list" if isinstance(body[key], list) else "object"
+                return _bad_request(f"Parameter '{key}' must be a single value, not a JSON {kind}.")
+    return None
+
+
+def _parse(text) -> tuple[object, str | None]:
+    try:
+        return json.loads(text), None
+    except RecursionError:
+        return None, "too deep"
+    except ValueError:
+        return None, "malformed"
+
+
+def _bad_request(message: str) -> Response:
+    error = MlflowException(message, INVALID_PARAMETER_VALUE)
+    return Response(error.serialize_as_json(), status=error.get_http_status_code(), mimetype="application/json")
