@@ -114,12 +114,15 @@ class Stack:
         prefix = {"admin": "MLFLOW_ADMIN", "trainer": "TRAINER", "serving": "SERVING"}[who]
         return self.env[f"{prefix}_USERNAME"], self.env[f"{prefix}_PASSWORD"]
 
-    def compose(self, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+    def compose_command(self, *args: str) -> list[str]:
         """The docker compose CLI, as a user would type it, for this project."""
         cmd = ["docker", "compose", "--project-name", self.project, "--env-file", str(self.env_file)]
         for f in self.compose_files:
             cmd += ["-f", str(f)]
-        result = subprocess.run(cmd + list(args), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+        return cmd + list(args)
+
+    def compose(self, *args: str, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+        result = subprocess.run(self.compose_command(*args), capture_output=True, text=True, timeout=timeout, cwd=ROOT)
         if check and result.returncode != 0:
             raise AssertionError(f"`docker compose {' '.join(args)}` exited {result.returncode}\n"
                                  f"--- stdout ---\n{result.stdout[-4000:]}\n--- stderr ---\n{result.stderr[-4000:]}")

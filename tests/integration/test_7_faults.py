@@ -1,0 +1,256 @@
+"""Faults while people work: Postgres, the tracking server and S3 go away under a running
+trainer, and serving restarts under a steady client.
+
+Nothing is lost (metric rows are counted in Postgres against what the trainer printed),
+no run is left RUNNING, and the requests that fail are confined to serving's restart
+window, counted and reported. Every fault is aimed at this session's own containers.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from stack import ROOT, Stack, poll
+
+# More images than the other tests use, so that training outlasts each fault.
+FAULT_DATA, FAULT_TRAIN_IMAGES, FAULT_TEST_IMAGES = "/data/faults", 3000, 200
+TRAIN_ARGS = ("--data-dir", FAULT_DATA, "--no-download", "--epochs", "10", "--batch-size", "32",
+              "--log-every", "5", "--promotion-policy", "never")
+PROGRESS = re.compile(r"^epoch \d+/\d+  step \d+/\d+  global \d+  loss")
+EVALUATION = re.compile(r"^epoch \d+/\d+  eval_loss")
+TRAIN_KEYS = ("train_loss", "train_accuracy", "train_images_per_sec", "lr")
+EVAL_KEYS = ("eval_loss", "eval_accuracy", "epoch", "epoch_seconds")
+REPORT = ROOT / "tests/artifacts/fault-report.json"
+
+
+class TrainingJob:
+    """`docker compose run trainer ...` in the background, its output read as it comes."""
+
+    def __init__(self, stack: Stack, *args: str):
+        self.lines: list[str] = []
+        self.process = subprocess.Popen(stack.compose_command("run", "--rm", "-T", "trainer", *args),
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    @property
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def said(self, text: str) -> str | None:
+        return next((line for line in list(self.lines) if text in line), None)
+
+    def run_id(self) -> str:
+        line = poll("the trainer to start its run", lambda: self.said(" started: "), timeout=240)
+        return re.search(r"run ([0-9a-f]{32}) started", line).group(1)
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def finish(self, timeout: float = 600) -> int:
+        code = self.process.wait(timeout=timeout)
+        self.reader.join(timeout=10)
+        return code
+
+    def stop(self) -> None:
+        if self.running():
+            self.process.kill()
+            self.process.wait(timeout=30)
+
+    def printed_metric_counts(self) -> dict[str, int]:
+        """How many values of each metric the trainer logged, from its own progress lines."""
+        lines = list(self.lines)
+        steps = sum(1 for line in lines if PROGRESS.match(line))
+        epochs = sum(1 for line in lines if EVALUATION.match(line))
+        return {**{key: steps for key in TRAIN_KEYS}, **{key: epochs for key in EVAL_KEYS}}
+
+
+def metric_rows(stack: Stack, run_id: str) -> Counter:
+    """Rows per metric key in the tracking database itself."""
+    query = f"SELECT key, count(*) FROM metrics WHERE run_uuid = '{run_id}' GROUP BY key"
+    out = stack.compose("exec", "-T", "postgres", "sh", "-c",
+                        f'psql -U "$POSTGRES_USER" -d "$POSTGRES_DB" -At -F " " -c "{query}"').stdout
+    return Counter({key: int(count) for key, count in (line.split() for line in out.splitlines() if line)})
+
+
+def report(name: str, figures: dict) -> None:
+    REPORT.parent.mkdir(parents=True, exist_ok=True)
+    results = json.loads(REPORT.read_text()) if REPORT.exists() else {}
+    results[name] = figures
+    REPORT.write_text(json.dumps(results, indent=2) + "\n")
+
+
+@pytest.fixture(scope="module")
+def fault_data(stack: Stack, trained) -> str:
+    stack.compose("run", "--rm", "-T", "--entrypoint", "python", "trainer", "-m", "trainer.synthetic",
+                  "--data-dir", FAULT_DATA, "--train", str(FAULT_TRAIN_IMAGES), "--test", str(FAULT_TEST_IMAGES))
+    return FAULT_DATA
+
+
+@pytest.fixture
+def healthy_again(stack: Stack):
+    """Whatever a test stopped, the next one starts from a whole, healthy stack."""
+    yield
+    stack.compose("up", "-d", "--wait", "--wait-timeout", "300")
+
+
+@pytest.fixture
+def training(stack: Stack, fault_data, healthy_again):
+    jobs: list[TrainingJob] = []
+
+    def start() -> TrainingJob:
+        jobs.append(TrainingJob(stack, *TRAIN_ARGS))
+        return jobs[-1]
+
+    yield start
+    for job in jobs:
+        job.stop()
+
+
+def first_metrics_stored(stack: Stack, run_id: str) -> None:
+    poll("the run's first metrics in Postgres", lambda: metric_rows(stack, run_id)["train_loss"], timeout=240)
+
+
+def assert_finished_with_every_metric(stack: Stack, admin_client: MlflowClient, job: TrainingJob, run_id: str):
+    code = job.finish()
+    assert code == 0, f"trainer exited {code}:\n{job.output[-4000:]}"
+    assert admin_client.get_run(run_id).info.status == "FINISHED"
+    printed = job.printed_metric_counts()
+    assert printed["train_loss"] > 0 and printed["eval_loss"] == 10, job.output[-3000:]
+    rows = metric_rows(stack, run_id)
+    assert {key: rows[key] for key in printed} == printed, "metric rows in Postgres differ from what was logged"
+    return rows
+
+
+def test_postgres_restart_while_the_trainer_logs_loses_no_metric(stack: Stack, training, admin_client):
+    job = training()
+    run_id = job.run_id()
+    first_metrics_stored(stack, run_id)
+    before = metric_rows(stack, run_id)["train_loss"]
+    stack.compose("restart", "postgres")
+    assert job.running(), "the run ended before Postgres restarted: the fault missed it"
+    rows = assert_finished_with_every_metric(stack, admin_client, job, run_id)
+    assert rows["train_loss"] > before, "nothing was logged after the restart"
+    report("postgres_restart", {"train_loss_rows_before_restart": before, "rows_after": dict(rows)})
+
+
+def test_tracking_server_killed_mid_run_is_waited_for_and_the_run_finishes(stack: Stack, training, admin_client):
+    job = training()
+    run_id = job.run_id()
+    first_metrics_stored(stack, run_id)
+    stack.compose("kill", "mlflow")
+    killed_at = time.monotonic()
+    waiting = poll("the trainer to say it waits for the tracking server", lambda: job.said("retrying in"), timeout=240)
+    noticed_after = time.monotonic() - killed_at
+    assert "tracking server not answering while" in waiting, waiting
+    stack.compose("start", "mlflow")
+    rows = assert_finished_with_every_metric(stack, admin_client, job, run_id)
+    version = re.search(r"^version: (\d+)$", job.output, re.M)
+    assert version, job.output[-2000:]
+    assert admin_client.get_model_version(stack.env["MODEL_NAME"], version.group(1)).run_id == run_id
+    report("tracking_server_killed", {"trainer_said": waiting[:200], "retry_said_after_kill_s": round(noticed_after, 1),
+                                      "kill_to_trainer_exit_s": round(time.monotonic() - killed_at, 1),
+                                      "metric_rows": dict(rows)})
+
+
+def test_s3_restart_mid_run_the_upload_is_retried(stack: Stack, training, admin_client):
+    job = training()
+    run_id = job.run_id()
+    first_metrics_stored(stack, run_id)
+    stack.compose("stop", "minio")
+    waiting = poll("the trainer to retry an artifact upload",
+                   lambda: job.said("retrying in"), timeout=240)
+    stack.compose("start", "minio")
+    assert_finished_with_every_metric(stack, admin_client, job, run_id)
+    checkpoints = admin_client.list_artifacts(run_id, "checkpoints")
+    assert len(checkpoints) == 10, [c.path for c in checkpoints]
+    assert admin_client.search_logged_models(experiment_ids=[admin_client.get_run(run_id).info.experiment_id],
+                                             filter_string=f"source_run_id = '{run_id}'")
+    report("s3_restart", {"trainer_said": waiting[:200], "checkpoints": len(checkpoints)})
+
+
+@dataclass
+class Outcome:
+    started: float
+    ended: float
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class SteadyLoad:
+    """A few clients sending one-image requests back to back, every outcome timed."""
+
+    url: str
+    clients: int = 4
+    outcomes: list[Outcome] = field(default_factory=list)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def _client(self) -> None:
+        session = requests.Session()
+        body = {"inputs": [[[[0.0] * 28] * 28]]}
+        deadline = time.monotonic() + 600  # bounded whatever happens
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            started = time.monotonic()
+            try:
+                response = session.post(self.url, json=body, timeout=30)
+                ok, detail = response.status_code == 200, f"{response.status_code}"
+            except requests.RequestException as error:
+                ok, detail = False, type(error).__name__
+                session = requests.Session()
+            self.outcomes.append(Outcome(started, time.monotonic(), ok, detail))
+            self.stop.wait(0.01)
+
+    def __enter__(self) -> "SteadyLoad":
+        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(self.clients)]
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
+
+    def successes_since(self, moment: float) -> int:
+        return sum(1 for o in list(self.outcomes) if o.ok and o.started >= moment)
+
+
+def test_serving_restart_under_load_fails_requests_only_inside_the_restart(stack: Stack, trained, healthy_again,
+                                                                             capsys):
+    served = poll("a served model", lambda: (status := stack.serving_status()).get("version") and status, timeout=180)
+    with SteadyLoad(f"{stack.serving_url}/invocations") as load:
+        poll("steady answers before the restart", lambda: load.successes_since(0) >= 100, timeout=120)
+        restart_began = time.monotonic()
+        stack.compose("restart", "serving")
+        restarted = time.monotonic()
+        poll("answers from the restarted serving", lambda: load.successes_since(restarted) >= 1, timeout=240)
+        back = min(o.started for o in list(load.outcomes) if o.ok and o.started >= restarted)
+        poll("steady answers after the restart", lambda: load.successes_since(back) >= 200, timeout=240)
+    outcomes = list(load.outcomes)
+    failures = [o for o in outcomes if not o.ok]
+    outside = [o for o in failures if not restart_began <= o.started <= back]
+    assert not outside, f"{len(outside)} requests failed outside the restart window: {outside[:5]}"
+    assert all(o.ok for o in outcomes if o.started > back)
+    figures = {"requests": len(outcomes), "failed": len(failures),
+               "failed_kinds": dict(Counter(o.detail for o in failures)),
+               "window_s": round(back - restart_began, 2), "restart_command_s": round(restarted - restart_began, 2),
+               "served_version": served.get("version")}
+    report("serving_restart_under_load", figures)
+    with capsys.disabled():
+        print(f"\nserving restart under load: {figures['failed']} of {figures['requests']} requests failed, all "
+              f"inside the {figures['window_s']} s window ({figures['failed_kinds']})")
