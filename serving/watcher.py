@@ -25,6 +25,7 @@ MAX_VERSION_RETRY_SECONDS = 120.0
 # An unreachable registry is retried after poll * 2**(errors - 1) seconds, at most this
 # long, so that a tracking server coming back is noticed soon.
 MAX_REGISTRY_RETRY_SECONDS = 30.0
+STARTUP_RETRY_SECONDS = 2.0
 # The same waiting or registry message is repeated in the log at most this often.
 REPEAT_LOG_SECONDS = 60.0
 
@@ -168,7 +169,11 @@ class AliasWatcher:
             return self._alias_missing(str(e))
         except Exception as e:
             self._registry_errors += 1
-            delay = registry_retry_delay(poll, self._registry_errors)
+            # With nothing to serve yet, as when the whole stack starts together and the
+            # tracking server or this container's account is not ready, ask again soon: the
+            # first model should be served within seconds of the server answering.
+            delay = (min(poll, STARTUP_RETRY_SECONDS) if self.current is None
+                     else registry_retry_delay(poll, self._registry_errors))
             message = (
                 f"cannot read {s.model_uri} from the tracking server at "
                 f"{safe_uri(s.tracking_uri)}: {type(e).__name__}: {_one_line(e)}"
