@@ -23,7 +23,7 @@ export GIT_COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null)
 
 .PHONY: help env up down build offline-images train predict logs ps models promote rollback \
         test test-unit test-integration bench bench-trainer bench-serving bench-switch \
-        bench-tracking bench-cold-start backup restore clean doctor lock
+        bench-tracking bench-cold-start bench-load backup restore clean doctor lock
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}'
@@ -96,7 +96,10 @@ bench-tracking: $(VENV_STAMP) ## Benchmark the tracking server against plain mlf
 bench-cold-start: $(VENV_STAMP) ## Benchmark make up to healthy, and a trained model to first prediction (Docker)
 	@$(VENV)/bin/python bench/cold_start_bench.py $(ARGS)
 
-bench: bench-trainer bench-serving bench-switch bench-tracking bench-cold-start ## Run every benchmark; results land in bench/results/
+bench-load: $(VENV_STAMP) ## Benchmark serving under 1, 10 and 50 clients (a private stack; ARGS="--url ..." for a running one)
+	@$(VENV)/bin/python bench/load_bench.py $(ARGS)
+
+bench: bench-trainer bench-serving bench-switch bench-tracking bench-cold-start bench-load ## Run every benchmark; results land in bench/results/
 
 doctor: ## Check Docker, Compose v2, free disk, ports, and the NVIDIA runtime with GPU=1
 	@GPU=$(GPU) scripts/doctor.sh

@@ -1,0 +1,274 @@
+"""Benchmark: the serving container under load, one-image requests from 1, 10 and 50 clients.
+
+    python bench/load_bench.py [--seconds 20] [--levels 1,10,50] [--rounds 1]
+    python bench/load_bench.py --url http://127.0.0.1:5001      # the stack `make up` runs
+
+Without --url it measures a stack of its own: a private compose project (its own name,
+free loopback ports, an env file made by scripts/env.sh as `make env` makes .env) from the
+images already built (`up --no-build --pull never`; without them it says to run `make
+build`), with a model trained on generated data by `docker compose run trainer`, as the
+integration tests do, and the stack's defaults otherwise. The project is removed with its volumes at the end. With --url it
+measures that stack's serving as it is; a model must be served there already, and the
+container's CPU and memory are read when `docker compose` in this repository finds its
+serving container.
+
+Each round runs the levels in turn, after waiting (bounded) for the machine to be quiet:
+`--seconds` of closed-loop load from that many keep-alive connections (bench/common.py's
+client), the same real-looking image bodies for every level. Per level: requests/s,
+latency percentiles of the answers, errors by kind (anything but a 200 from the served
+version counts), the serving container's CPU per request and its memory before and after,
+and the share of the CPUs other work took meanwhile. Results: bench/results/load.json and
+.md (with --url: load-url.json and .md, so a run against your own stack never replaces
+the reference figures).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+# The integration tests' stack helpers and container memory reader, reused as they are.
+sys.path.append(str(ROOT / "tests" / "integration"))
+
+from bench import common  # noqa: E402
+from bench.cold_start_bench import image_exists  # noqa: E402
+from bench.common import fmt, log  # noqa: E402
+from container_memory import MIB, container_memory  # noqa: E402
+from stack import TEST_IMAGES, TRAIN_IMAGES, Stack, write_env  # noqa: E402
+
+WARM_UP_SECONDS = 3.0
+WARM_UP_CONCURRENCY = 10
+
+
+# --- the stack under test ----------------------------------------------------------------------
+
+
+def private_stack(workdir: Path) -> Stack:
+    forced = os.environ.get("OFFLINE")
+    # Never pulls: with the upstream Postgres image absent, the offline stand-ins are used.
+    offline = forced == "1" if forced in ("0", "1") else not image_exists("postgres:17-bookworm")
+    project = f"bench-load-{uuid.uuid4().hex[:6]}"
+    env = write_env(workdir / ".env", offline, {"COMPOSE_PROJECT_NAME": project,
+                                                 "MLFLOW_PORT": str(common.free_port()),
+                                                 "SERVING_PORT": str(common.free_port())})
+    prefix, tag = env.get("IMAGE_PREFIX", "mlops"), env.get("IMAGE_TAG", "dev")
+    images = [f"{prefix}/{s}:{tag}" for s in ("mlflow", "serving", "trainer")]
+    images += ([env["OFFLINE_POSTGRES_IMAGE"], env["OFFLINE_S3_IMAGE"]] if offline
+               else [env["POSTGRES_IMAGE"], env["S3_IMAGE"]])
+    missing = [image for image in images if not image_exists(image)]
+    if missing:
+        raise SystemExit(f"load_bench: image(s) missing: {', '.join(missing)}; run make build first")
+    return Stack(project=project, env_file=workdir / ".env", offline=offline, env=env)
+
+
+def bring_up_and_train(stack: Stack) -> str:
+    log(f"starting compose project {stack.project}")
+    stack.compose("up", "-d", "--wait", "--wait-timeout", "300", "--no-build", "--pull", "never")
+    stack.compose("run", "--rm", "-T", "--entrypoint", "python", "trainer", "-m", "trainer.synthetic",
+                  "--data-dir", "/data", "--train", str(TRAIN_IMAGES), "--test", str(TEST_IMAGES))
+    log("training a model on generated data")
+    version = stack.train("--epochs", "1", "--promotion-policy", "always")["version"]
+    stack.wait_served_version(version, timeout=180)
+    return version
+
+
+def serving_container(stack: Stack | None, port: int) -> str | None:
+    """The serving container's full id: the private project's, or else the one `docker
+    compose` finds for this repository's .env (the `make up` stack), if it publishes the
+    port being measured."""
+    if stack is not None:
+        return stack.compose("ps", "-q", "serving").stdout.strip() or None
+    try:
+        found = subprocess.run(["docker", "compose", "ps", "-q", "serving"], capture_output=True, text=True,
+                               cwd=ROOT, timeout=30)
+        published = subprocess.run(["docker", "compose", "port", "serving", "8080"], capture_output=True,
+                                   text=True, cwd=ROOT, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if found.returncode != 0 or published.returncode != 0:
+        return None
+    if not published.stdout.strip().endswith(f":{port}"):
+        return None  # another stack's serving: its figures would not belong to this URL
+    return found.stdout.strip() or None
+
+
+def served_version(url: str, body: bytes) -> str:
+    request = urllib.request.Request(f"{url}/invocations", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.headers["X-Model-Version"]
+    except urllib.error.HTTPError as e:
+        raise SystemExit(f"load_bench: {url}/invocations answered {e.code}: {e.read()[:300]!r}") from None
+    except OSError as e:
+        raise SystemExit(f"load_bench: {url}/invocations cannot be reached: {e}") from None
+
+
+# --- measuring -----------------------------------------------------------------------------------
+
+
+def memory_mib(container: str | None) -> dict | None:
+    if container is None:
+        return None
+    try:
+        memory = container_memory(container)
+    except (RuntimeError, OSError, ValueError, KeyError, subprocess.SubprocessError):
+        return None
+    return {"anon": round(memory.anon_bytes / MIB, 1), "usage": round(memory.usage_bytes / MIB, 1)}
+
+
+def level(host: str, port: int, requests: list[bytes], clients: int, seconds: float, version: str,
+          container: str | None) -> dict:
+    before = memory_mib(container)
+    with common.CpuWindow(containers=[container] if container else []) as window:
+        result = common.run_async(common.drive(host, port, requests, clients, seconds, timeout_s=60,
+                                               tag_header=b"x-model-version"))
+    after = memory_mib(container)
+    summary = result.summary()
+    # A 200 from another version (the alias moved meanwhile) is not what was measured.
+    summary["other_version_answers"] = sum(1 for tag in result.tags if tag != version)
+    cpu = window.container_cpu.get(container) if container else None
+    summary.update(window.as_dict(), clients=clients, memory_before_mib=before, memory_after_mib=after,
+                   server_cpu_seconds=round(cpu, 3) if cpu is not None else None,
+                   server_cpu_us_per_request=round(cpu / summary["ok"] * 1e6) if cpu and summary["ok"] else None)
+    if container is None:
+        summary["others_cpu_share"] = None  # the server's own CPU would be counted as other work
+    lat = summary["latency_ms"]
+    log(f"{clients} clients: {fmt(summary['requests_per_sec'], ',.1f')} requests/s, p50 {fmt(lat['p50'], '.1f')} ms, "
+        f"p99 {fmt(lat['p99'], '.1f')} ms, {summary['failed']} errors; others {fmt(summary['others_cpu_share'], '.0%')} "
+        "of the CPUs")
+    return summary
+
+
+def errors(summary: dict) -> int:
+    return summary["failed"] + summary["other_version_answers"]
+
+
+# --- the report ------------------------------------------------------------------------------------
+
+
+def markdown(report: dict) -> str:
+    s, m = report["settings"], report["machine"]
+    target = (f"`{s['url']}` (a running stack)" if s["url"] else
+              f"a private compose project ({'offline stand-in images' if s['offline'] else 'upstream images'}), "
+              f"{s['serving_workers']} serving workers (the default), model trained for 1 epoch on generated data")
+    lines = [
+        "# Serving under load", "",
+        f"{report['date']}. {common.machine_markdown(m)}", "",
+        f"One-image `POST /invocations` requests (MLflow's `{{\"inputs\": ...}}` JSON, {s['distinct_bodies']} different "
+        f"generated images, about {s['body_bytes']:,} bytes each) against {target}, on loopback from this machine: "
+        f"the client shares the CPUs with the stack. Closed loop: each client sends its next request when the last "
+        f"answer is read, on one keep-alive connection. {fmt(s['seconds_per_level'], 'g')} s per level after a "
+        f"{WARM_UP_SECONDS:g} s warm-up, {s['rounds']} round(s); an error is any answer but a 200 from version "
+        f"{s['version']}, or a failed connection.", "",
+        "| clients | round | requests | requests/s | p50 ms | p90 ms | p99 ms | max ms | errors | serving CPU µs/request "
+        "| serving memory before → after, MiB (anonymous) | other work, share of CPUs |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for row in report["levels"]:
+        lat = row["latency_ms"]
+        before, after = row["memory_before_mib"], row["memory_after_mib"]
+        memory = f"{before['anon']:,.1f} → {after['anon']:,.1f}" if before and after else "n/a"
+        lines.append(
+            f"| {row['clients']} | {row['round']} | {row['requests']:,} | {fmt(row['requests_per_sec'], ',.1f')} | "
+            f"{fmt(lat['p50'], '.1f')} | {fmt(lat['p90'], '.1f')} | {fmt(lat['p99'], '.1f')} | {fmt(lat['max'], '.1f')} | "
+            f"{errors(row)} | {fmt(row['server_cpu_us_per_request'], ',.0f')} | {memory} | {fmt(row['others_cpu_share'], '.0%')} |")
+    clean = report["clean"]
+    others = (f"a median {report['median_others_share']:.0%}" if report["median_others_share"] is not None
+              else "an unknown share (the serving container was not found, so its CPU cannot be told apart)")
+    lines += [
+        "",
+        f"Errors: {'none at any level' if clean else 'SOME, see the table and ' + report['name'] + '.json'}. "
+        "Latency percentiles are of the answers that succeeded; CPU per request is the serving container's own "
+        "(its cgroup), which depends less on the neighbours than requests/s does.",
+        "",
+        f"The machine is shared: other work took {others} of its CPUs during the levels (load average, 1 min, "
+        f"{report['load_range'][0]:.1f} to {report['load_range'][1]:.1f}), so requests/s and latencies vary by tens "
+        "of percent between runs; nothing here is a target.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=20.0, help="load time per level (default 20)")
+    parser.add_argument("--levels", default="1,10,50", help="concurrent clients per level (default 1,10,50)")
+    parser.add_argument("--rounds", type=int, default=1, help="times every level is run (default 1)")
+    parser.add_argument("--url", help="measure this serving endpoint (e.g. http://127.0.0.1:5001) instead of "
+                                      "bringing up a private stack")
+    parser.add_argument("--quiet-threshold", type=float, default=0.15)
+    parser.add_argument("--quiet-patience", type=float, default=60)
+    parser.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
+    args = parser.parse_args()
+    levels = [int(x) for x in args.levels.split(",") if x.strip()]
+
+    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0 and not args.url:
+        raise SystemExit("load_bench: no Docker engine answers; start one, or give --url")
+    info = common.machine(docker=True)
+    images = common.sample_images(64)
+    workdir = Path(tempfile.mkdtemp(prefix="load-bench-"))
+    stack = None
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    rows = []
+    try:
+        if args.url:
+            url = args.url.rstrip("/")
+        else:
+            stack = private_stack(workdir)
+            url = stack.serving_url
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname:
+            raise SystemExit(f"load_bench: --url must be plain http://HOST:PORT, got {url}")
+        host, port = parts.hostname, parts.port or 80
+        bodies = [json.dumps({"inputs": images[i:i + 1].tolist()}).encode() for i in range(len(images))]
+        requests = [common.http_request("POST", "/invocations", f"{host}:{port}", body,
+                                        {"Content-Type": "application/json"}) for body in bodies]
+        version = bring_up_and_train(stack) if stack else served_version(url, bodies[0])
+        container = serving_container(stack, port)
+        log(f"serving version {version} at {url}; container {container[:12] if container else 'not found'}")
+        common.run_async(common.drive(host, port, requests, WARM_UP_CONCURRENCY, WARM_UP_SECONDS, timeout_s=60))
+        for r in range(args.rounds):
+            for clients in levels:
+                common.wait_until_quiet(args.quiet_threshold, args.quiet_patience)
+                rows.append({"round": r + 1, **level(host, port, requests, clients, args.seconds, version, container)})
+        workers = stack.env.get("SERVING_WORKERS", "2") if stack else None
+    finally:
+        if stack is not None:
+            stack.compose("--profile", "train", "down", "--volumes", "--remove-orphans", check=False)
+            log(f"project {stack.project} removed with its volumes")
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    info["load_average_at_end"] = common.load_average()
+    loads = [x for row in rows for x in (row["load_before"][0], row["load_after"][0])]
+    name = "load-url" if args.url else "load"
+    report = {
+        "name": name, "date": common.now_iso(), "machine": info,
+        "settings": {"url": args.url, "offline": stack.offline if stack else None, "version": version,
+                     "serving_workers": workers, "levels": levels, "seconds_per_level": args.seconds,
+                     "rounds": args.rounds, "distinct_bodies": len(bodies),
+                     "body_bytes": round(sum(map(len, bodies)) / len(bodies))},
+        "clean": all(errors(row) == 0 for row in rows),
+        "median_others_share": common.median([row["others_cpu_share"] for row in rows
+                                              if row["others_cpu_share"] is not None]),
+        "load_range": [min(loads), max(loads)],
+        "levels": rows,
+    }
+    common.write_results(name, report, markdown(report), args.out_dir)
+    return 0 if report["clean"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
