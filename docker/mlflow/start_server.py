@@ -60,6 +60,9 @@ def write_auth_config() -> str:
             # A password changed through the API is seen at once by the worker that took the
             # change and by the others within this many seconds.
             f"auth_cache_ttl_seconds = {settings.optional('MLFLOW_AUTH_CACHE_SECONDS', '30')}\n"
+            # MLflow's basic auth behind a guard that answers malformed requests with a 4xx
+            # where MLflow's permission checks would fail with a 500 (auth_guard.py).
+            "authorization_function = auth_guard:authenticate_request\n"
         )
     return path
 
@@ -111,6 +114,9 @@ def main() -> None:
     ]
     if origins:
         args += ["--cors-allowed-origins", origins]
+    # The server's worker processes import auth_guard from beside this script.
+    here = os.path.dirname(os.path.abspath(__file__))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
     settings.log(f"starting the tracking server on port {port}")
     os.execvp(args[0], args)
 
