@@ -73,6 +73,28 @@ def image_exists(image: str) -> bool:
     return subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode == 0
 
 
+class MissingImages(Exception):
+    pass
+
+
+def private_env(env_file: Path, project: str) -> tuple[dict, bool]:
+    """A .env for a private compose project on free loopback ports, and whether it runs the
+    offline stand-ins. Benchmarks never pull or build: without the upstream Postgres image
+    the stand-ins are used, and a missing image raises MissingImages naming it."""
+    forced = os.environ.get("OFFLINE")
+    offline = forced == "1" if forced in ("0", "1") else not image_exists("postgres:17-bookworm")
+    env = write_env(env_file, offline, {"COMPOSE_PROJECT_NAME": project, "MLFLOW_PORT": str(common.free_port()),
+                                        "SERVING_PORT": str(common.free_port())})
+    prefix, tag = env.get("IMAGE_PREFIX", "mlops"), env.get("IMAGE_TAG", "dev")
+    images = [f"{prefix}/{s}:{tag}" for s in ("mlflow", "serving", "trainer")]
+    images += ([env["OFFLINE_POSTGRES_IMAGE"], env["OFFLINE_S3_IMAGE"]] if offline
+               else [env["POSTGRES_IMAGE"], env["S3_IMAGE"]])
+    missing = [i for i in images if not image_exists(i)]
+    if missing:
+        raise MissingImages(f"image(s) missing: {', '.join(missing)}; run make build first")
+    return env, offline
+
+
 class Project:
     def __init__(self, name: str, env_file: Path, offline: bool):
         self.name, self.env_file, self.offline = name, env_file, offline
@@ -349,19 +371,11 @@ def main():
     workdir = Path(tempfile.mkdtemp(prefix="cold-start-bench-"))
     name = f"bench-cold-{secrets.token_hex(3)}"
     env_file = workdir / ".env"
-    forced = os.environ.get("OFFLINE")
-    # The benchmark never pulls: with the upstream Postgres image absent, the stand-ins are used.
-    offline = forced == "1" if forced in ("0", "1") else not image_exists("postgres:17-bookworm")
-    env = write_env(env_file, offline, {"COMPOSE_PROJECT_NAME": name, "MLFLOW_PORT": str(common.free_port()),
-                                        "SERVING_PORT": str(common.free_port())})
-    prefix, tag = env.get("IMAGE_PREFIX", "mlops"), env.get("IMAGE_TAG", "dev")
-    images = [f"{prefix}/{s}:{tag}" for s in ("mlflow", "serving", "trainer")]
-    images += ([env["OFFLINE_POSTGRES_IMAGE"], env["OFFLINE_S3_IMAGE"]] if offline
-               else [env["POSTGRES_IMAGE"], env["S3_IMAGE"]])
-    missing = [i for i in images if not image_exists(i)]
-    if missing:
+    try:
+        env, offline = private_env(env_file, name)
+    except MissingImages as error:
         shutil.rmtree(workdir, ignore_errors=True)
-        raise SystemExit(f"cold_start_bench: image(s) missing: {', '.join(missing)}; run make build first")
+        raise SystemExit(f"cold_start_bench: {error}") from None
 
     info = common.machine(docker=True)
     project = Project(name, env_file, offline)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -44,10 +43,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.append(str(ROOT / "tests" / "integration"))
 
 from bench import common  # noqa: E402
-from bench.cold_start_bench import image_exists  # noqa: E402
+from bench.cold_start_bench import MissingImages, private_env  # noqa: E402
 from bench.common import fmt, log  # noqa: E402
 from container_memory import MIB, container_memory  # noqa: E402
-from stack import TEST_IMAGES, TRAIN_IMAGES, Stack, write_env  # noqa: E402
+from stack import TEST_IMAGES, TRAIN_IMAGES, Stack  # noqa: E402
 
 WARM_UP_SECONDS = 3.0
 WARM_UP_CONCURRENCY = 10
@@ -57,20 +56,11 @@ WARM_UP_CONCURRENCY = 10
 
 
 def private_stack(workdir: Path) -> Stack:
-    forced = os.environ.get("OFFLINE")
-    # Never pulls: with the upstream Postgres image absent, the offline stand-ins are used.
-    offline = forced == "1" if forced in ("0", "1") else not image_exists("postgres:17-bookworm")
     project = f"bench-load-{uuid.uuid4().hex[:6]}"
-    env = write_env(workdir / ".env", offline, {"COMPOSE_PROJECT_NAME": project,
-                                                 "MLFLOW_PORT": str(common.free_port()),
-                                                 "SERVING_PORT": str(common.free_port())})
-    prefix, tag = env.get("IMAGE_PREFIX", "mlops"), env.get("IMAGE_TAG", "dev")
-    images = [f"{prefix}/{s}:{tag}" for s in ("mlflow", "serving", "trainer")]
-    images += ([env["OFFLINE_POSTGRES_IMAGE"], env["OFFLINE_S3_IMAGE"]] if offline
-               else [env["POSTGRES_IMAGE"], env["S3_IMAGE"]])
-    missing = [image for image in images if not image_exists(image)]
-    if missing:
-        raise SystemExit(f"load_bench: image(s) missing: {', '.join(missing)}; run make build first")
+    try:
+        env, offline = private_env(workdir / ".env", project)
+    except MissingImages as error:
+        raise SystemExit(f"load_bench: {error}") from None
     return Stack(project=project, env_file=workdir / ".env", offline=offline, env=env)
 
 
