@@ -44,29 +44,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import common  # noqa: E402
 from bench.common import ROOT, fmt, log  # noqa: E402
 
+# The env file users get from `make env`, made the way the integration tests make theirs.
+sys.path.append(str(ROOT / "tests" / "integration"))
+from stack import write_env  # noqa: E402
+
 TARGET_UP_S = 30.0
 TRAIN_IMAGES, TEST_IMAGES = 300, 100
 ONE_IMAGE = json.dumps({"inputs": [[[[0.5] * 28] * 28]]}).encode()
-
-
-def read_env(path: Path) -> dict:
-    values = {}
-    for line in path.read_text().splitlines():
-        if "=" in line and not line.lstrip().startswith("#"):
-            key, _, value = line.partition("=")
-            values[key.strip()] = value
-    return values
-
-
-def write_env(path: Path, offline: bool, overrides: dict) -> dict:
-    """The env file users get from `make env`, with this project's name and ports."""
-    env = {k: v for k, v in os.environ.items() if k != "OFFLINE"}
-    env["OFFLINE"] = "1" if offline else "0"
-    subprocess.run([str(ROOT / "scripts" / "env.sh"), str(path)], check=True, env=env, capture_output=True)
-    lines = [line for line in path.read_text().splitlines() if line.split("=", 1)[0] not in overrides]
-    lines += [f"{k}={v}" for k, v in overrides.items()]
-    path.write_text("\n".join(lines) + "\n")
-    return read_env(path)
 
 
 def image_exists(image: str) -> bool:

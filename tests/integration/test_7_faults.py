@@ -3,7 +3,7 @@ trainer, and serving restarts under a steady client.
 
 Nothing is lost (metric rows are counted in Postgres against what the trainer printed),
 no run is left RUNNING, and the requests that fail are confined to serving's restart
-window, counted and reported. Every fault is aimed at this session's own containers.
+window, counted and reported. Every fault is aimed at the containers of the stack the tests started.
 """
 
 from __future__ import annotations
