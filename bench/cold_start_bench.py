@@ -61,9 +61,9 @@ class MissingImages(Exception):
     pass
 
 
-def private_env(env_file: Path, project: str) -> tuple[dict, bool]:
-    """A .env for a private compose project on free loopback ports, and whether it runs the
-    offline stand-ins. Benchmarks never pull or build: without the upstream Postgres image
+def private_env(env_file: Path, project: str) -> tuple[dict, bool, list[str]]:
+    """A .env for a private compose project on free loopback ports, whether it runs the
+    offline stand-ins, and the images it runs. Benchmarks never pull or build: without the upstream Postgres image
     the stand-ins are used, and a missing image raises MissingImages naming it."""
     forced = os.environ.get("OFFLINE")
     offline = forced == "1" if forced in ("0", "1") else not image_exists("postgres:17-bookworm")
@@ -76,7 +76,7 @@ def private_env(env_file: Path, project: str) -> tuple[dict, bool]:
     missing = [i for i in images if not image_exists(i)]
     if missing:
         raise MissingImages(f"image(s) missing: {', '.join(missing)}; run make build first")
-    return env, offline
+    return env, offline, images
 
 
 class Project:
@@ -356,7 +356,7 @@ def main():
     name = f"bench-cold-{secrets.token_hex(3)}"
     env_file = workdir / ".env"
     try:
-        env, offline = private_env(env_file, name)
+        env, offline, images = private_env(env_file, name)
     except MissingImages as error:
         shutil.rmtree(workdir, ignore_errors=True)
         raise SystemExit(f"cold_start_bench: {error}") from None

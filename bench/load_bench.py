@@ -58,7 +58,7 @@ WARM_UP_CONCURRENCY = 10
 def private_stack(workdir: Path) -> Stack:
     project = f"bench-load-{uuid.uuid4().hex[:6]}"
     try:
-        env, offline = private_env(workdir / ".env", project)
+        env, offline, _ = private_env(workdir / ".env", project)
     except MissingImages as error:
         raise SystemExit(f"load_bench: {error}") from None
     return Stack(project=project, env_file=workdir / ".env", offline=offline, env=env)
