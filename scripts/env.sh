@@ -7,11 +7,21 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 target=${1:-.env}
 example=.env.example
-secrets_re='^(POSTGRES_PASSWORD|S3_ACCESS_KEY|S3_SECRET_KEY|MLFLOW_ADMIN_PASSWORD|MLFLOW_FLASK_SERVER_SECRET_KEY|TRAINER_PASSWORD|SERVING_PASSWORD|SERVING_CLIENT_PASSWORD)$'
+secrets_re='^(POSTGRES_PASSWORD|MLFLOW_DB_PASSWORD|S3_ACCESS_KEY|S3_SECRET_KEY|S3_APP_ACCESS_KEY|S3_APP_SECRET_KEY|MLFLOW_ADMIN_PASSWORD|MLFLOW_FLASK_SERVER_SECRET_KEY|TRAINER_PASSWORD|SERVING_PASSWORD|SERVING_CLIENT_PASSWORD|BACKUP_KEY)$'
 
 random_secret() {
   # 32 url-safe characters: strong, and safe inside URLs and .env without quoting.
   python3 -c 'import secrets; print(secrets.token_urlsafe(24))'
+}
+
+signing_pair() {
+  # An ECDSA P-256 key pair for model signing, each PEM as one base64 line so that .env
+  # stays KEY=VALUE. Prints "PRIVATE PUBLIC".
+  local private
+  private=$(openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 2>/dev/null) \
+    || { echo "make env: openssl could not generate the model signing key" >&2; exit 1; }
+  printf '%s %s\n' "$(printf '%s\n' "$private" | base64 -w0)" \
+    "$(printf '%s\n' "$private" | openssl pkey -pubout 2>/dev/null | base64 -w0)"
 }
 
 created=""
@@ -43,6 +53,17 @@ while IFS= read -r line; do
   printf '%s=%s\n' "$name" "$value" >>"$target"
   added+=("$name")
 done <"$example"
+
+# The model signing pair: both halves are made together, and only when the private key is
+# missing; a public key alone is never replaced, since serving trusts whatever it holds.
+current_key=$(grep '^MODEL_SIGNING_KEY=' "$target" | tail -n1 | cut -d= -f2-)
+current_pub=$(grep '^MODEL_SIGNING_PUBLIC_KEY=' "$target" | tail -n1 | cut -d= -f2-)
+if grep -q '^MODEL_SIGNING_KEY=' "$target" && [ -z "$current_key" ] && [ -z "$current_pub" ]; then
+  read -r private public < <(signing_pair)
+  sed -i "s|^MODEL_SIGNING_KEY=.*|MODEL_SIGNING_KEY=${private}|" "$target"
+  sed -i "s|^MODEL_SIGNING_PUBLIC_KEY=.*|MODEL_SIGNING_PUBLIC_KEY=${public}|" "$target"
+  generated+=(MODEL_SIGNING_KEY MODEL_SIGNING_PUBLIC_KEY)
+fi
 
 registry_reachable() {
   # A registry that answers lets compose pull the upstream images; behind an air gap it

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import stat
 import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-SECRETS = ["POSTGRES_PASSWORD", "S3_ACCESS_KEY", "S3_SECRET_KEY", "MLFLOW_ADMIN_PASSWORD",
+SECRETS = ["POSTGRES_PASSWORD", "MLFLOW_DB_PASSWORD", "S3_ACCESS_KEY", "S3_SECRET_KEY",
+           "S3_APP_ACCESS_KEY", "S3_APP_SECRET_KEY", "MLFLOW_ADMIN_PASSWORD",
            "MLFLOW_FLASK_SERVER_SECRET_KEY", "TRAINER_PASSWORD", "SERVING_PASSWORD",
-           "SERVING_CLIENT_PASSWORD"]
+           "SERVING_CLIENT_PASSWORD", "BACKUP_KEY"]
 
 
 def make_env(path: Path) -> str:
@@ -26,7 +28,22 @@ def read(path: Path) -> dict[str, str]:
 
 def test_example_has_no_secret_values():
     example = read(ROOT / ".env.example")
-    assert all(example[name] == "" for name in SECRETS)
+    assert all(example[name] == "" for name in SECRETS + ["MODEL_SIGNING_KEY", "MODEL_SIGNING_PUBLIC_KEY"])
+
+
+def test_model_signing_pair_is_generated_once_and_matches(tmp_path):
+    first, second = tmp_path / "a.env", tmp_path / "b.env"
+    make_env(first)
+    make_env(second)
+    a, b = read(first), read(second)
+    assert a["MODEL_SIGNING_KEY"] != b["MODEL_SIGNING_KEY"]
+    private = base64.b64decode(a["MODEL_SIGNING_KEY"])
+    public = base64.b64decode(a["MODEL_SIGNING_PUBLIC_KEY"])
+    assert private.startswith(b"-----BEGIN PRIVATE KEY-----") and public.startswith(b"-----BEGIN PUBLIC KEY-----")
+    derived = subprocess.run(["openssl", "pkey", "-pubout"], input=private, capture_output=True, check=True).stdout
+    assert derived == public
+    make_env(first)
+    assert read(first)["MODEL_SIGNING_KEY"] == a["MODEL_SIGNING_KEY"]
 
 
 def test_first_run_writes_strong_distinct_secrets_with_mode_600(tmp_path):
