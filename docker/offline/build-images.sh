@@ -13,6 +13,8 @@
 #   DEBIAN_MIRROR           plain-http Debian mirror for debootstrap and for apt inside images
 #                           (default http://deb.debian.org/debian)
 #   DEBIAN_SECURITY_MIRROR  (default http://deb.debian.org/debian-security)
+#   DEBIAN_KEYRING          keys the archive's signature is checked against
+#                           (default /usr/share/keyrings/debian-archive-keyring.gpg)
 #   BUILD_CA_BUNDLE         extra CA bundle (PEM) trusted by downloads inside builds, for
 #                           TLS-inspecting proxies; passed as a BuildKit secret, never stored
 set -Eeuo pipefail
@@ -65,7 +67,7 @@ build_base() {
     # debootstrap creates device nodes and root-owned files: only this step needs root.
     command -v sudo >/dev/null || die "building the base image needs root (debootstrap)"
     log "debootstrap needs root; asking sudo"
-    sudo --preserve-env=OFFLINE_BASE_IMAGE,DEBIAN_MIRROR,DEBIAN_SECURITY_MIRROR,TMPDIR \
+    sudo --preserve-env=OFFLINE_BASE_IMAGE,DEBIAN_MIRROR,DEBIAN_SECURITY_MIRROR,DEBIAN_KEYRING,TMPDIR \
       "${BASH_SOURCE[0]}" --force base
     return
   fi
@@ -78,9 +80,17 @@ build_base() {
   base_work=$(mktemp -d "${TMPDIR:-/tmp}/offline-base.XXXXXX")
   rootfs=$base_work/rootfs
 
-  log "debootstrap $suite from $DEBIAN_MIRROR"
-  debootstrap --variant=minbase "$suite" "$rootfs" "$DEBIAN_MIRROR" >"$base_work/debootstrap.log" 2>&1 \
+  # The mirror is plain http: every package is trusted only through the Release file's
+  # signature, so checking it is enforced and the key ring is named, never left to defaults.
+  local keyring=${DEBIAN_KEYRING:-/usr/share/keyrings/debian-archive-keyring.gpg}
+  [[ -r $keyring ]] || die "$keyring is missing: apt-get install debian-archive-keyring (or set DEBIAN_KEYRING)"
+  command -v gpgv >/dev/null || die "gpgv is missing (apt-get install gpgv): it checks the archive's signature"
+  log "debootstrap $suite from $DEBIAN_MIRROR (signatures checked against $keyring)"
+  debootstrap --variant=minbase --force-check-gpg --keyring="$keyring" "$suite" "$rootfs" "$DEBIAN_MIRROR" \
+    >"$base_work/debootstrap.log" 2>&1 \
     || { tail -n 30 "$base_work/debootstrap.log" >&2; die "debootstrap failed"; }
+  grep -q "Valid Release signature" "$base_work/debootstrap.log" \
+    || die "debootstrap did not report a valid Release signature; refusing the image"
 
   # The same apt and dpkg settings as Debian's slim images, plus no recommends (see files).
   cp -R "$here/base/rootfs/." "$rootfs/"
