@@ -1,10 +1,17 @@
-"""One-shot: make sure the artifact bucket exists. Safe to run on every start.
+"""One-shot: make sure the artifact bucket exists, and the tracking server's key that is
+limited to it. Safe to run on every start.
 
 Uses boto3 against any S3-compatible endpoint (MinIO, RustFS, Garage, AWS itself), so the
-stack has no dependency on a vendor's CLI image.
+stack has no dependency on a vendor's CLI image. The root credentials stay here: the
+tracking server gets S3_APP_ACCESS_KEY, which MinIO's admin API limits to the bucket. An S3
+server without that API (the offline stand-in, a cloud provider) must be given the key and
+its limits by its own configuration; this only checks that the key reaches the bucket.
 """
 
+from __future__ import annotations
+
 import time
+from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
@@ -13,17 +20,34 @@ from botocore.exceptions import ClientError, EndpointConnectionError
 import settings
 
 
-def main() -> None:
-    bucket = settings.bucket()
-    endpoint = settings.optional("MLFLOW_S3_ENDPOINT_URL", "")
-    s3 = boto3.client(
+def s3_client(access_key_var: str = "AWS_ACCESS_KEY_ID", secret_key_var: str = "AWS_SECRET_ACCESS_KEY"):
+    return boto3.client(
         "s3",
-        endpoint_url=endpoint or None,
-        aws_access_key_id=settings.required("AWS_ACCESS_KEY_ID"),
-        aws_secret_access_key=settings.required("AWS_SECRET_ACCESS_KEY"),
+        endpoint_url=settings.optional("MLFLOW_S3_ENDPOINT_URL", "") or None,
+        aws_access_key_id=settings.required(access_key_var),
+        aws_secret_access_key=settings.required(secret_key_var),
         region_name=settings.optional("AWS_DEFAULT_REGION", "us-east-1"),
         config=Config(retries={"max_attempts": 3, "mode": "standard"}, s3={"addressing_style": "path"}),
     )
+
+
+def bucket_policy(bucket: str) -> dict:
+    """What the tracking server needs on its bucket, and nothing on any other."""
+    return {
+        "Version": "2012-10-17",
+        "Statement": [
+            {"Effect": "Allow",
+             "Action": ["s3:GetBucketLocation", "s3:ListBucket", "s3:ListBucketMultipartUploads"],
+             "Resource": [f"arn:aws:s3:::{bucket}"]},
+            {"Effect": "Allow",
+             "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:AbortMultipartUpload",
+                        "s3:ListMultipartUploadParts"],
+             "Resource": [f"arn:aws:s3:::{bucket}/*"]},
+        ],
+    }
+
+
+def ensure_bucket(s3, bucket: str, endpoint: str) -> None:
     deadline = time.monotonic() + 60
     while True:
         try:
@@ -49,6 +73,68 @@ def main() -> None:
         # Another init run may have won the race; either way the bucket is ours.
         if error.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
             raise
+
+
+def provision_app_key(bucket: str, endpoint: str) -> bool:
+    """Create or update the tracking server's MinIO user with a policy for the bucket alone.
+    False when the server has no MinIO admin API."""
+    from minio.credentials import StaticProvider
+    from minio.error import MinioAdminException
+    from minio.minioadmin import MinioAdmin
+    from urllib3.exceptions import HTTPError
+
+    url = urlsplit(endpoint or "https://s3.amazonaws.com")
+    admin = MinioAdmin(
+        endpoint=url.netloc,
+        credentials=StaticProvider(settings.required("AWS_ACCESS_KEY_ID"), settings.required("AWS_SECRET_ACCESS_KEY")),
+        region=settings.optional("AWS_DEFAULT_REGION", "us-east-1"),
+        secure=url.scheme == "https",
+    )
+    access_key = settings.required("S3_APP_ACCESS_KEY")
+    policy = f"mlflow-{bucket}"
+    try:
+        # Also re-applies the secret: rotating S3_APP_SECRET_KEY in .env is `make up`.
+        admin.user_add(access_key, settings.required("S3_APP_SECRET_KEY"))
+    except (MinioAdminException, ValueError, HTTPError) as error:
+        settings.log(f"S3 at {endpoint} has no MinIO admin API ({type(error).__name__}); "
+                     "the bucket-scoped key must come from the server's own configuration")
+        return False
+    admin.policy_add(policy, policy=bucket_policy(bucket))
+    try:
+        admin.attach_policy([policy], user=access_key)
+    except MinioAdminException as error:
+        # Attaching a policy the user already has is refused; anything else is real.
+        if "already" not in str(error).lower():
+            raise
+    settings.log(f"S3 key {access_key[:4]}... limited to bucket {bucket} (policy {policy})")
+    return True
+
+
+def check_app_key(bucket: str, endpoint: str) -> None:
+    """The tracking server's key must reach its bucket, whoever configured it."""
+    s3 = s3_client("S3_APP_ACCESS_KEY", "S3_APP_SECRET_KEY")
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            s3.head_bucket(Bucket=bucket)
+            s3.list_objects_v2(Bucket=bucket, MaxKeys=1)
+            return
+        except ClientError as error:
+            code = error.response.get("Error", {}).get("Code", "")
+            # A new MinIO user can take a moment to be seen by every node.
+            if time.monotonic() > deadline:
+                raise SystemExit(f"S3 at {endpoint} refuses S3_APP_ACCESS_KEY on bucket {bucket} ({code}); "
+                                 "give that key read, write and list rights on the bucket in the S3 server")
+        time.sleep(1)
+
+
+def main() -> None:
+    bucket = settings.bucket()
+    endpoint = settings.optional("MLFLOW_S3_ENDPOINT_URL", "")
+    ensure_bucket(s3_client(), bucket, endpoint)
+    if settings.optional("S3_APP_ACCESS_KEY", ""):
+        provision_app_key(bucket, endpoint)
+        check_app_key(bucket, endpoint)
 
 
 if __name__ == "__main__":

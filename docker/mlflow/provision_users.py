@@ -1,9 +1,17 @@
 """One-shot, after the tracking server is healthy: the service accounts and their rights.
 
-The trainer and serving containers never hold admin credentials. Each gets its own user:
-the trainer may edit its experiment and registered model, serving may only read them.
+The trainer and serving containers never hold admin credentials. Each gets its own user
+with the least it needs; nobody reads anything without a grant (default_permission is
+NO_PERMISSIONS) and only workspace members may create experiments and registered models:
+
+  trainer   EDIT on its experiment and registered model; member of the default workspace
+            (role stack-creators), the only way MLflow lets a non-admin create, which also
+            lets it read what the workspace holds
+  serving   READ on its registered model and on the experiment its files live in, and DENY
+            on every run and trace (role stack-model-readers): the model, nothing else
+
 Passwords come from .env and are re-applied on every start, so rotating one in .env and
-running `make up` is the whole procedure.
+running `make up` is the whole procedure. Roles and grants are re-applied too.
 """
 
 from __future__ import annotations
@@ -38,6 +46,31 @@ def ensure_grant(auth, username: str, resource_type: str, resource_id: str, perm
     if auth.get_user_permission(username, resource_type, resource_id).permission != permission:
         auth.revoke_user_permission(username, resource_type, resource_id)
         auth.grant_user_permission(username, resource_type, resource_id, permission)
+
+
+WORKSPACE = "default"
+CREATORS = ("stack-creators", [("workspace", "*", "USE")])
+MODEL_READERS = ("stack-model-readers", [("run", "*", "DENY"), ("trace", "*", "DENY")])
+
+
+def ensure_role(auth, name: str, permissions: list[tuple[str, str, str]], members: list[str]) -> None:
+    """A role in the default workspace with exactly `permissions`, held by `members`."""
+    role = next((r for r in auth.list_roles(WORKSPACE) if r.name == name), None)
+    if role is None:
+        role = auth.create_role(WORKSPACE, name, description="Managed by mlflow-init; re-applied on every start.")
+        settings.log(f"created role {name}")
+    present = {(p.resource_type, p.resource_pattern): p for p in auth.list_role_permissions(role.id)}
+    for resource_type, pattern, level in permissions:
+        current = present.pop((resource_type, pattern), None)
+        if current is None:
+            auth.add_role_permission(role.id, resource_type, pattern, level)
+        elif current.permission != level:
+            auth.update_role_permission(current.id, level)
+    for stale in present.values():
+        auth.remove_role_permission(stale.id)
+    for username in members:
+        if all(r.id != role.id for r in auth.list_user_roles(username)):
+            auth.assign_role(username, role.id)
 
 
 def ensure_experiment(client: MlflowClient, name: str) -> str:
@@ -76,13 +109,17 @@ def main() -> None:
     grants = [
         (trainer, "experiment", experiment_id, "EDIT"),
         (trainer, "registered_model", model_name, "EDIT"),
+        # A version's files live under the experiment, so reading them needs the experiment;
+        # the role below keeps its runs and traces out of reach.
         (serving, "experiment", experiment_id, "READ"),
         (serving, "registered_model", model_name, "READ"),
     ]
     for grant in grants:
         ensure_grant(auth, *grant)
-    settings.log(f"users ready: {trainer} (edit), {serving} (read) on experiment "
-                 f"{experiment_id} and model {model_name}")
+    ensure_role(auth, *CREATORS, members=[trainer])
+    ensure_role(auth, *MODEL_READERS, members=[serving])
+    settings.log(f"users ready: {trainer} (edit its experiment {experiment_id} and model {model_name}, "
+                 f"may create), {serving} (read model {model_name}, no runs)")
 
 
 if __name__ == "__main__":

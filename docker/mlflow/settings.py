@@ -27,24 +27,47 @@ def optional(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
 
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+def size_in_bytes(name: str, default: str) -> int:
+    """A size as nginx writes it (512m, 2g, 1048576), so one setting serves both."""
+    raw = optional(name, default).strip().lower()
+    number, unit = (raw[:-1], raw[-1]) if raw[-1:] in "kmg" else (raw, "")
+    if not number.isdigit() or int(number) == 0:
+        raise ConfigError(f"{name}={raw!r} is not a size: expected e.g. 512m, 1g or a number of bytes")
+    return int(number) * _UNITS[unit]
+
+
 def postgres_uri(database: str) -> str:
-    user = quote(required("POSTGRES_USER"), safe="")
-    password = quote(required("POSTGRES_PASSWORD"), safe="")
+    """The tracking server's connection, as its own role (never the superuser)."""
+    user = quote(required("MLFLOW_DB_USER"), safe="")
+    password = quote(required("MLFLOW_DB_PASSWORD"), safe="")
     host = optional("POSTGRES_HOST", "postgres")
     port = optional("POSTGRES_PORT", "5432")
     # psycopg2 named explicitly: SQLAlchemy's bare "postgresql" now means psycopg 3.
     return f"postgresql+psycopg2://{user}:{password}@{host}:{port}/{database}"
 
 
-def postgres_params(database: str) -> dict:
-    """Keyword arguments for psycopg2.connect: no URI, so no parse error can echo a password."""
+def _connection(user_var: str, password_var: str, database: str) -> dict:
+    # Keyword arguments for psycopg2.connect: no URI, so no parse error can echo a password.
     return {
-        "user": required("POSTGRES_USER"),
-        "password": required("POSTGRES_PASSWORD"),
+        "user": required(user_var),
+        "password": required(password_var),
         "host": optional("POSTGRES_HOST", "postgres"),
         "port": optional("POSTGRES_PORT", "5432"),
         "dbname": database,
     }
+
+
+def postgres_params(database: str) -> dict:
+    """The tracking server's own role."""
+    return _connection("MLFLOW_DB_USER", "MLFLOW_DB_PASSWORD", database)
+
+
+def superuser_params(database: str) -> dict:
+    """Only db-init holds the superuser."""
+    return _connection("POSTGRES_USER", "POSTGRES_PASSWORD", database)
 
 
 def tracking_db() -> str:

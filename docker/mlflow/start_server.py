@@ -1,8 +1,8 @@
-"""Start the tracking server: databases first, then MLflow's own server with basic auth.
+"""Start the tracking server: the schema first, then MLflow's own server with basic auth.
 
 Order matters: the tracking schema is upgraded before any request is served, so a newer
-image keeps the data an older one wrote; the auth database must exist before the auth app
-runs its own migrations at start.
+image keeps the data an older one wrote. Both databases exist already: db-init creates them,
+owned by the role this server logs in as (MLFLOW_DB_USER), which cannot create others.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import tempfile
 import time
 
 import psycopg2
-from psycopg2 import sql
 
 import settings
 
@@ -31,21 +30,6 @@ def wait_for_postgres(deadline_s: float = 120) -> None:
             delay = min(delay * 2, 5)
 
 
-def ensure_database(name: str) -> None:
-    """Create a database when missing; also covers data volumes made by older versions."""
-    conn = psycopg2.connect(**settings.postgres_params(settings.tracking_db()))
-    # CREATE DATABASE refuses to run inside a transaction; psycopg2's `with conn` opens one.
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
-            if cur.fetchone() is None:
-                settings.log(f"creating database {name}")
-                cur.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
-    finally:
-        conn.close()
-
-
 def write_auth_config() -> str:
     """The auth app reads its database URI from an ini file; it holds a password, so it
     lives in the container's tmpfs with mode 600 and never in the image."""
@@ -53,7 +37,9 @@ def write_auth_config() -> str:
     with os.fdopen(fd, "w") as ini:
         ini.write(
             "[mlflow]\n"
-            f"default_permission = {settings.optional('MLFLOW_DEFAULT_PERMISSION', 'READ')}\n"
+            # Nobody reads what they were not granted: mlflow-init grants each service account
+            # its own experiment and model, and the admin grants teammates theirs.
+            "default_permission = NO_PERMISSIONS\n"
             f"database_uri = {settings.postgres_uri(settings.auth_db())}\n"
             # Every API call checks a password hash, which costs tens of milliseconds of CPU;
             # remembering a successful check briefly makes polling clients (serving) cheap.
@@ -86,7 +72,6 @@ def main() -> None:
     port = settings.optional("MLFLOW_CONTAINER_PORT", "5000")
 
     wait_for_postgres()
-    ensure_database(settings.auth_db())
     settings.log("upgrading the tracking schema (no-op when current)")
     tracking_uri = settings.postgres_uri(settings.tracking_db())
     # The URI holds a password, so it never goes on a command line (ps, logs): the upgrade
@@ -101,6 +86,11 @@ def main() -> None:
     # MLflow's background job runner serves GenAI features (scorers, trace rollups) that
     # this stack does not use; it costs two processes polling the database.
     os.environ.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
+    # GraphQL answers with the same permission checks as the REST API; said here rather
+    # than left to MLflow's default, so an upgrade cannot turn it off unnoticed.
+    os.environ["MLFLOW_SERVER_ENABLE_GRAPHQL_AUTH"] = "true"
+    # Read by auth_guard in every worker: bodies above it get 413 before they are read.
+    os.environ["MLFLOW_MAX_BODY_BYTES"] = str(settings.size_in_bytes("MLFLOW_MAX_BODY_SIZE", "512m"))
     origins = settings.optional("MLFLOW_CORS_ORIGINS", "")
     args = [
         "mlflow", "server",
@@ -110,6 +100,10 @@ def main() -> None:
         "--host", "0.0.0.0",
         "--port", port,
         "--workers", settings.optional("MLFLOW_WORKERS", "2"),
+        # Workspaces are how MLflow limits who may create experiments and models: only
+        # members of a workspace can (provision_users.py makes the trainer one). Everything
+        # lives in the default workspace; older data is served from where it always was.
+        "--enable-workspaces",
         "--allowed-hosts", allowed_hosts(port),
     ]
     if origins:

@@ -1,0 +1,152 @@
+"""Every account gets the least it needs: what the serving and trainer accounts, a teammate
+without grants, the tracking server's Postgres role and its S3 key can and cannot do.
+Uses the shared session stack and the `trained` fixture's run; changes nothing others use."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import subprocess
+
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from stack import Stack
+
+API = "/api/2.0/mlflow"
+
+
+def call(stack: Stack, who, method: str, path: str, **kwargs) -> requests.Response:
+    auth = stack.credentials(who) if isinstance(who, str) else who
+    return requests.request(method, stack.mlflow_url + path, auth=auth, timeout=30, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def served_experiment(stack: Stack, admin_client: MlflowClient) -> str:
+    return admin_client.get_experiment_by_name(stack.env["EXPERIMENT_NAME"]).experiment_id
+
+
+@pytest.fixture(scope="module")
+def other_experiment(stack: Stack, admin_client: MlflowClient) -> str:
+    """Another team's experiment with a run, made by the admin: nobody was granted it."""
+    name = f"other-team-{secrets.token_hex(4)}"
+    experiment_id = admin_client.create_experiment(name)
+    run = admin_client.create_run(experiment_id)
+    admin_client.log_param(run.info.run_id, "secret_sauce", "42")
+    admin_client.set_terminated(run.info.run_id)
+    return experiment_id
+
+
+@pytest.fixture(scope="module")
+def teammate(stack: Stack) -> tuple[str, str]:
+    """A user the admin created and granted nothing, as a new teammate starts."""
+    login = (f"teammate-{secrets.token_hex(4)}", secrets.token_urlsafe(24))
+    created = call(stack, "admin", "POST", f"{API}/users/create", json={"username": login[0], "password": login[1]})
+    assert created.status_code == 200, created.text
+    return login
+
+
+# --- serving: reads its model, nothing else -------------------------------------------------
+
+def test_serving_cannot_create_an_experiment(stack: Stack):
+    response = call(stack, "serving", "POST", f"{API}/experiments/create", json={"name": f"x-{secrets.token_hex(4)}"})
+    assert response.status_code == 403, response.text
+
+
+def test_serving_cannot_create_a_registered_model(stack: Stack):
+    response = call(stack, "serving", "POST", f"{API}/registered-models/create",
+                    json={"name": f"x-{secrets.token_hex(4)}"})
+    assert response.status_code == 403, response.text
+
+
+def test_serving_cannot_upload_an_artifact(stack: Stack, trained, served_experiment: str):
+    run_id = trained["run"].rstrip("/").rsplit("/", 1)[-1]
+    path = f"/api/2.0/mlflow-artifacts/artifacts/{served_experiment}/{run_id}/artifacts/planted.txt"
+    response = call(stack, "serving", "PUT", path, data=b"planted by serving")
+    assert response.status_code == 403, response.text
+    # The admin can, so the 403 is about rights, not a wrong path.
+    assert call(stack, "admin", "PUT", path, data=b"admin was here").status_code == 200
+
+
+def test_serving_cannot_read_another_experiment(stack: Stack, other_experiment: str):
+    response = call(stack, "serving", "GET", f"{API}/experiments/get", params={"experiment_id": other_experiment})
+    assert response.status_code == 403, response.text
+    found = call(stack, "serving", "POST", f"{API}/runs/search", json={"experiment_ids": [other_experiment]})
+    assert found.status_code == 403 or not found.json().get("runs"), found.text
+
+
+def test_serving_reads_the_model_it_serves(stack: Stack, trained):
+    response = call(stack, "serving", "GET", f"{API}/registered-models/alias",
+                    params={"name": stack.env["MODEL_NAME"], "alias": stack.env["MODEL_ALIAS"]})
+    assert response.status_code == 200, response.text
+
+
+# --- a teammate with no grants, and resource creation ----------------------------------------
+
+def test_a_teammate_without_grants_sees_nothing(stack: Stack, teammate, served_experiment: str, other_experiment: str):
+    for experiment_id in (served_experiment, other_experiment):
+        response = call(stack, teammate, "GET", f"{API}/experiments/get", params={"experiment_id": experiment_id})
+        assert response.status_code == 403, f"experiment {experiment_id}: {response.status_code} {response.text}"
+    listed = call(stack, teammate, "GET", f"{API}/experiments/search", params={"max_results": 100})
+    assert listed.status_code == 200 and not listed.json().get("experiments"), listed.text
+
+
+def test_only_the_admin_and_the_trainer_create_experiments_and_models(stack: Stack, teammate):
+    for who in (teammate, "serving"):
+        for path, body in ((f"{API}/experiments/create", {"name": f"x-{secrets.token_hex(4)}"}),
+                           (f"{API}/registered-models/create", {"name": f"x-{secrets.token_hex(4)}"})):
+            response = call(stack, who, "POST", path, json=body)
+            assert response.status_code == 403, f"{who if isinstance(who, str) else 'teammate'} {path}: {response.text}"
+    for who in ("admin", "trainer"):
+        response = call(stack, who, "POST", f"{API}/experiments/create", json={"name": f"by-{who}-{secrets.token_hex(4)}"})
+        assert response.status_code == 200, f"{who}: {response.text}"
+
+
+# --- the trainer: its experiment and model, not the accounts ----------------------------------
+
+def test_trainer_cannot_read_the_auth_database(stack: Stack):
+    serving_user = stack.credentials("serving")[0]
+    for path, params in ((f"{API}/users/get", {"username": serving_user}),
+                         (f"{API}/users/permissions/list", {"username": serving_user})):
+        response = call(stack, "trainer", "GET", path, params=params)
+        assert response.status_code in (403, 404), f"{path}: {response.status_code} {response.text}"
+    # Nor the database itself: Postgres is on a network the trainer is not attached to.
+    probe = stack.compose("run", "--rm", "--no-deps", "-T", "--entrypoint", "python", "trainer", "-c",
+                          "import socket; socket.create_connection(('postgres', 5432), timeout=5)", check=False)
+    assert probe.returncode != 0 and ("gaierror" in probe.stderr or "Name or service" in probe.stderr), probe.stderr
+
+
+# --- the tracking server's own credentials ----------------------------------------------------
+
+def psql(stack: Stack, sql: str, database: str = "postgres") -> str:
+    return stack.compose("exec", "-T", "postgres", "psql", "-At", "-v", "ON_ERROR_STOP=1",
+                         "-U", stack.env["POSTGRES_USER"], "-d", database, "-c", sql).stdout.strip()
+
+
+def test_tracking_server_logs_in_to_postgres_as_its_own_unprivileged_role(stack: Stack):
+    role = stack.env["MLFLOW_DB_USER"]
+    users = set(psql(stack, "SELECT DISTINCT usename FROM pg_stat_activity "
+                            "WHERE datname IN ('mlflow', 'mlflow_auth') AND pid <> pg_backend_pid()").split())
+    assert users == {role}, f"sessions on the tracking databases: {users}"
+    flags = psql(stack, f"SELECT rolsuper, rolcreatedb, rolcreaterole FROM pg_roles WHERE rolname = '{role}'")
+    assert flags == "f|f|f", flags
+    owned = set(psql(stack, f"SELECT datname FROM pg_database d JOIN pg_roles r ON r.oid = d.datdba "
+                            f"WHERE r.rolname = '{role}'").split())
+    assert owned == {stack.env.get("POSTGRES_DB", "mlflow"), "mlflow_auth"}, owned
+    # Every table of both databases is its own, so it never needs more than that.
+    for database in owned:
+        others = psql(stack, f"SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tableowner <> '{role}'",
+                      database)
+        assert others == "0", f"{database}: {others} tables owned by another role"
+
+
+def test_the_tracking_server_holds_neither_superuser_nor_s3_root_secrets(stack: Stack):
+    container = stack.compose("ps", "-q", "mlflow").stdout.strip()
+    env = json.loads(subprocess.run(["docker", "inspect", container], capture_output=True, text=True,
+                                    check=True).stdout)[0]["Config"]["Env"]
+    values = {line.split("=", 1)[1] for line in env if "=" in line}
+    for name in ("POSTGRES_PASSWORD", "S3_SECRET_KEY", "S3_ACCESS_KEY", "MODEL_SIGNING_KEY", "BACKUP_KEY"):
+        value = stack.env.get(name, "")
+        if value:
+            assert value not in values, f"the tracking server's environment holds {name}"
