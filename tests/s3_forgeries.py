@@ -553,9 +553,11 @@ def honest(t: Target) -> dict:
             Bucket=t.bucket, Key=prefix + "copy.txt", CopySource={"Bucket": t.bucket, "Key": prefix + "small.txt"})
               ["ResponseMetadata"]["HTTPStatusCode"])
         check(f"{who}: presigned get", lambda: _presigned_get(t, keys, prefix + "small.txt"))
+        check(f"{who}: presigned put", lambda: _presigned_put(t, keys, prefix + "presigned.txt"))
         check(f"{who}: list_buckets", lambda: sorted(b["Name"] for b in s3.list_buckets()["Buckets"]))
         check(f"{who}: delete_objects", lambda: sorted(d["Key"] for d in s3.delete_objects(
-            Bucket=t.bucket, Delete={"Objects": [{"Key": prefix + n} for n in ("small.txt", "big.bin", "copy.txt")]})
+            Bucket=t.bucket, Delete={"Objects": [{"Key": prefix + n}
+                                    for n in ("small.txt", "big.bin", "copy.txt", "presigned.txt")]})
             .get("Deleted", [])))
     return checks
 
@@ -566,6 +568,17 @@ def _presigned_get(t: Target, keys: Keys, key: str) -> str:
     parts = urllib.parse.urlsplit(url)
     status, body = send(t, Request("GET", parts.path, parts.query, (("Host", t.host),)))
     return body if status == 200 else f"FAILED: HTTP {status}: {body[:200]}"
+
+
+def _presigned_put(t: Target, keys: Keys, key: str) -> str:
+    """A presigned PUT leaves the body unsigned (UNSIGNED-PAYLOAD), as S3 allows."""
+    url = client(t, keys, signature_version="s3v4").generate_presigned_url(
+        "put_object", Params={"Bucket": t.bucket, "Key": key}, ExpiresIn=300)
+    parts = urllib.parse.urlsplit(url)
+    status, body = send(t, Request("PUT", parts.path, parts.query, (("Host", t.host),), b"sent by URL"))
+    if status != 200:
+        return f"FAILED: HTTP {status}: {body[:200]}"
+    return client(t, keys).get_object(Bucket=t.bucket, Key=key)["Body"].read().decode()
 
 
 def target_from_env() -> Target:

@@ -146,6 +146,7 @@ def test_boto3_works_with_the_root_and_the_scoped_key(results):
         assert honest[f"{who}: get_object"] == "hello"
         assert honest[f"{who}: download intact"] is True
         assert honest[f"{who}: presigned get"] == "hello"
+        assert honest[f"{who}: presigned put"] == "sent by URL"
         assert honest[f"{who}: list with delimiter"] == [f"honest/{who}/"]
     assert honest["root: list_buckets"] == sorted([BUCKET, s3_forgeries.OTHER_BUCKET])
     assert honest["scoped: list_buckets"] == [BUCKET]

@@ -144,7 +144,7 @@ function guard({ user, password }, scopedKeys, region) {
       return;
     }
     const { req } = ctx;
-    const { accessKeyId, payloadHash } = verifySigV4(req, lookupSecret, region);
+    const { accessKeyId, payloadHash, presigned } = verifySigV4(req, lookupSecret, region);
     const scope = scopes.get(accessKeyId);
     if (scope !== undefined && authorizeScoped(scope, req)) ctx.store = storeShowingOnly(ctx.store, scope);
 
@@ -159,8 +159,12 @@ function guard({ user, password }, scopedKeys, region) {
     if (payloadHash === UNSIGNED_PAYLOAD) {
       // Only presigned URLs may leave a body unsigned, as in S3; boto3 over plain http always
       // signs the body's hash, and nothing else would tie the body to the signature.
-      if (!('X-Amz-Signature' in ctx.query)) {
-        throw refuse('InvalidRequest', 'UNSIGNED-PAYLOAD needs https; sign the body\'s SHA-256', 400);
+      if (!presigned) {
+        throw refuse(
+          'InvalidRequest',
+          'a body sent as UNSIGNED-PAYLOAD is accepted in presigned URLs only; sign its SHA-256',
+          400,
+        );
       }
       return next();
     }
