@@ -466,7 +466,9 @@ def send(t: Target, request: Request) -> tuple[int, str]:
 def client(t: Target, keys: Keys, **config):
     return boto3.client("s3", endpoint_url=t.endpoint, aws_access_key_id=keys.access_key,
                         aws_secret_access_key=keys.secret_key, region_name=t.region,
-                        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1}, **config))
+                        # No retries: a failed call must show, not be hidden by a second try.
+                        config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1, "mode": "standard"},
+                                      **config))
 
 
 def prepare(t: Target) -> None:
@@ -559,7 +561,19 @@ def honest(t: Target) -> dict:
             Bucket=t.bucket, Delete={"Objects": [{"Key": prefix + n}
                                     for n in ("small.txt", "big.bin", "copy.txt", "presigned.txt")]})
             .get("Deleted", [])))
+    check("root: delete_objects of one directory", lambda: _delete_many(t))
     return checks
+
+
+def _delete_many(t: Target, count: int = 20) -> object:
+    """DeleteObjects of many keys in one directory, as bucket_archive.py's import does."""
+    s3 = client(t, t.root)
+    keys = [f"honest/many/{i:02d}.txt" for i in range(count)]
+    for key in keys:
+        s3.put_object(Bucket=t.bucket, Key=key, Body=b"x")
+    answer = s3.delete_objects(Bucket=t.bucket, Delete={"Objects": [{"Key": k} for k in keys]})
+    left = s3.list_objects_v2(Bucket=t.bucket, Prefix="honest/many/").get("KeyCount", 0)
+    return {"deleted": len(answer.get("Deleted", [])), "errors": answer.get("Errors", []), "left": left}
 
 
 def _presigned_get(t: Target, keys: Keys, key: str) -> str:

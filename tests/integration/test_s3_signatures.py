@@ -69,6 +69,7 @@ def test_boto3_still_works_with_the_root_and_the_scoped_key(results, stack: Stac
     honest = results["honest"]
     failed = {name: value for name, value in honest.items() if isinstance(value, str) and value.startswith("FAILED")}
     assert failed == {}
+    assert honest["root: delete_objects of one directory"] == {"deleted": 20, "errors": [], "left": 0}
     users = ["root", "scoped"] if stack.offline else ["root"]
     for who in users:
         assert honest[f"{who}: get_object"] == "hello"

@@ -142,6 +142,7 @@ def test_boto3_works_with_the_root_and_the_scoped_key(results):
     honest = results["honest"]
     failed = {name: value for name, value in honest.items() if isinstance(value, str) and value.startswith("FAILED")}
     assert failed == {}
+    assert honest["root: delete_objects of one directory"] == {"deleted": 20, "errors": [], "left": 0}
     for who in ("root", "scoped"):
         assert honest[f"{who}: get_object"] == "hello"
         assert honest[f"{who}: download intact"] is True
