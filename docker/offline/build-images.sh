@@ -9,7 +9,7 @@
 #   OFFLINE_BASE_IMAGE      base of every image here and of our Python images
 #                           (default mlops-local/debian:trixie)
 #   OFFLINE_POSTGRES_IMAGE  PostgreSQL 17 stand-in (default mlops-local/postgres:17)
-#   OFFLINE_S3_IMAGE        S3 server standing in for MinIO (default mlops-local/s3:s3rver-3.7.1)
+#   OFFLINE_S3_IMAGE        S3 server standing in for MinIO (default mlops-local/s3:s3rver-3.7.1-sigv4)
 #   DEBIAN_MIRROR           plain-http Debian mirror for debootstrap and for apt inside images
 #                           (default http://deb.debian.org/debian)
 #   DEBIAN_SECURITY_MIRROR  (default http://deb.debian.org/debian-security)
@@ -22,7 +22,7 @@ set -Eeuo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 OFFLINE_BASE_IMAGE=${OFFLINE_BASE_IMAGE:-mlops-local/debian:trixie}
 OFFLINE_POSTGRES_IMAGE=${OFFLINE_POSTGRES_IMAGE:-mlops-local/postgres:17}
-OFFLINE_S3_IMAGE=${OFFLINE_S3_IMAGE:-mlops-local/s3:s3rver-3.7.1}
+OFFLINE_S3_IMAGE=${OFFLINE_S3_IMAGE:-mlops-local/s3:s3rver-3.7.1-sigv4}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 DEBIAN_SECURITY_MIRROR=${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 BUILD_CA_BUNDLE=${BUILD_CA_BUNDLE:-}

@@ -14,8 +14,10 @@ const path = require('node:path');
 const S3rver = require('s3rver');
 const AWSAccount = require('s3rver/lib/models/account');
 const S3Error = require('s3rver/lib/models/error');
-const GroupingFilesystemStore = require('./listing');
-const { verifySigV4 } = require('./sigv4');
+const CheckedFilesystemStore = require('./store');
+const { authorizeScoped } = require('./policy');
+const { hasBody, verifiedBody } = require('./payload');
+const { verifySigV4, refuse, STREAMING_PAYLOADS, UNSIGNED_PAYLOAD } = require('./sigv4');
 
 const SERVICE_USER = 's3';
 // MinIO's probe paths, so probes written for MinIO keep working.
@@ -106,30 +108,69 @@ function ownData(args) {
   walk(directory);
 }
 
-// Runs ahead of s3rver: answers health probes, turns away unsigned requests (MinIO buckets
-// are private) and checks SigV4 signatures, which s3rver does not.
-function guard(credentials) {
-  const lookupSecret = key => (key === credentials.user ? credentials.password : undefined);
+// Keys besides the root user's: each limited to one bucket (see policy.js), standing in for a
+// MinIO user with a bucket policy. One for now: the tracking server's.
+function readScopedKeys(rootUser) {
+  const accessKey = setting('S3_STANDIN_SCOPED_ACCESS_KEY');
+  const secret = setting('S3_STANDIN_SCOPED_SECRET_KEY');
+  const bucket = setting('S3_STANDIN_SCOPED_BUCKET');
+  if (!accessKey && !secret && !bucket) return [];
+  if (!accessKey || !secret || !bucket) {
+    exitWith('S3_STANDIN_SCOPED_ACCESS_KEY, _SECRET_KEY and _BUCKET go together: set all three or none');
+  }
+  if (accessKey.length < 3) exitWith('S3_STANDIN_SCOPED_ACCESS_KEY needs at least 3 characters');
+  if (secret.length < 8) exitWith('S3_STANDIN_SCOPED_SECRET_KEY needs at least 8 characters');
+  if (accessKey === rootUser) exitWith('S3_STANDIN_SCOPED_ACCESS_KEY must differ from MINIO_ROOT_USER');
+  return [{ accessKey, secret, bucket }];
+}
+
+// A view of the store whose ListBuckets shows only one bucket, for a key limited to it.
+function storeShowingOnly(store, bucket) {
+  return Object.create(store, {
+    listBuckets: { value: async () => (await store.listBuckets()).filter(b => b.name === bucket) },
+  });
+}
+
+// Runs ahead of s3rver: answers health probes, holds every other request to SigV4 (sigv4.js),
+// checks the body against its signed hash (payload.js) and keeps scoped keys to their bucket
+// (policy.js). s3rver checks none of this for SigV4 beyond the access key's existence.
+function guard({ user, password }, scopedKeys, region) {
+  const secrets = new Map([[user, password], ...scopedKeys.map(k => [k.accessKey, k.secret])]);
+  const scopes = new Map(scopedKeys.map(k => [k.accessKey, k.bucket]));
+  const lookupSecret = key => secrets.get(key);
   return async (ctx, next) => {
     if (HEALTH_PATHS.has(ctx.path) && ['GET', 'HEAD'].includes(ctx.method)) {
       ctx.status = 200;
       return;
     }
-    const { headers } = ctx.req;
+    const { req } = ctx;
+    const { accessKeyId, payloadHash, presigned } = verifySigV4(req, lookupSecret, region);
+    const scope = scopes.get(accessKeyId);
+    if (scope !== undefined && authorizeScoped(scope, req)) ctx.store = storeShowingOnly(ctx.store, scope);
+
     // aws-chunked bodies would be stored with their chunk framing; refuse rather than corrupt.
-    if (
-      /^STREAMING-/.test(headers['x-amz-content-sha256'] || '') ||
-      /aws-chunked/.test(headers['content-encoding'] || '')
-    ) {
+    if (STREAMING_PAYLOADS.has(payloadHash) || /aws-chunked/.test(req.headers['content-encoding'] || '')) {
       throw new S3Error(
         'NotImplemented',
         'aws-chunked (streaming) uploads are not supported by this S3 stand-in',
       );
     }
-    const signed =
-      'authorization' in headers || 'X-Amz-Algorithm' in ctx.query || 'Signature' in ctx.query;
-    if (!signed) throw new S3Error('AccessDenied', 'Access Denied.');
-    verifySigV4(ctx.req, lookupSecret); // SigV2 passes through to s3rver's own check
+    if (!hasBody(req)) return next();
+    if (payloadHash === UNSIGNED_PAYLOAD) {
+      // Only presigned URLs may leave a body unsigned, as in S3; boto3 over plain http always
+      // signs the body's hash, and nothing else would tie the body to the signature.
+      if (!presigned) {
+        throw refuse(
+          'InvalidRequest',
+          'a body sent as UNSIGNED-PAYLOAD is accepted in presigned URLs only; sign its SHA-256',
+          400,
+        );
+      }
+      return next();
+    }
+    const { body, cleanup } = await verifiedBody(req, payloadHash);
+    ctx.res.once('close', cleanup);
+    ctx.req = body;
     return next();
   };
 }
@@ -137,12 +178,17 @@ function guard(credentials) {
 async function serve(args) {
   const { directory, host, port } = parseServerArgs(args);
   const credentials = readCredentials();
+  const scopedKeys = readScopedKeys(credentials.user);
+  // MinIO's setting; clients sign for this region (the stack's S3_REGION).
+  const region = setting('MINIO_SITE_REGION') || setting('MINIO_REGION') || 'us-east-1';
   fs.mkdirSync(directory, { recursive: true });
   fs.accessSync(directory, fs.constants.W_OK);
 
-  // The only key pair is the root user's; s3rver's built-in S3RVER/S3RVER goes away.
+  // s3rver's built-in S3RVER/S3RVER goes away; the guard below knows the real keys, and
+  // s3rver's own check, which runs after it, needs them too.
   AWSAccount.DUMMY_ACCOUNT.revokeAccessKey('S3RVER');
   AWSAccount.DUMMY_ACCOUNT.createKeyPair(credentials.user, credentials.password);
+  for (const { accessKey, secret } of scopedKeys) AWSAccount.DUMMY_ACCOUNT.createKeyPair(accessKey, secret);
 
   const server = new S3rver({
     directory,
@@ -152,15 +198,16 @@ async function serve(args) {
     // Otherwise a request to http://minio:9000 would be read as one for a bucket named "minio".
     vhostBuckets: false,
   });
-  server.store = server.context.store = new GroupingFilesystemStore(directory);
-  server.middleware.unshift(guard(credentials));
+  server.store = server.context.store = new CheckedFilesystemStore(directory);
+  server.middleware.unshift(guard(credentials, scopedKeys, region));
   server.on('error', (err, ctx) => {
     if (!err.status || err.status >= 500) {
       log(`${ctx ? `${ctx.method} ${ctx.url}: ` : ''}${err.stack || err}`);
     }
   });
   const { address } = await server.run();
-  log(`S3 API on ${address}:${port}, data in ${directory}, running as uid ${process.getuid()}`);
+  log(`S3 API on ${address}:${port}, region ${region}, data in ${directory}, ` +
+    `${scopedKeys.length} bucket-scoped key(s), running as uid ${process.getuid()}`);
 
   let stopping = false;
   const stop = signal => {
