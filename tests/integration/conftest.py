@@ -52,6 +52,8 @@ def stack(images, tmp_path_factory) -> Stack:
         "MLFLOW_PORT": str(free_port()),
         "SERVING_PORT": str(free_port()),
         "ALIAS_POLL_SECONDS": "1",
+        # Small enough that a test can send a body over it for real.
+        "MLFLOW_MAX_BODY_SIZE": "64m",
     })
     stack = Stack(project=project, env_file=env_file, offline=offline, env=env)
     stack.compose("--profile", "train", "build", timeout=3600)

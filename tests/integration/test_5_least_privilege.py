@@ -150,3 +150,47 @@ def test_the_tracking_server_holds_neither_superuser_nor_s3_root_secrets(stack: 
         value = stack.env.get(name, "")
         if value:
             assert value not in values, f"the tracking server's environment holds {name}"
+
+
+# --- bodies the tracking server cannot hold ------------------------------------------------------
+
+def raw_put(stack: Stack, path: str, declared: int, sent: bytes) -> tuple[int, bytes]:
+    """A PUT over a plain socket that declares `declared` bytes and sends `sent` of them, as a
+    client streaming a large upload does; returns the status and body the server answered."""
+    import base64
+    import socket
+
+    token = base64.b64encode(":".join(stack.credentials("trainer")).encode()).decode()
+    head = (f"PUT {path} HTTP/1.1\r\nHost: 127.0.0.1:{stack.env['MLFLOW_PORT']}\r\n"
+            f"Authorization: Basic {token}\r\nContent-Type: application/octet-stream\r\n"
+            f"Content-Length: {declared}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", int(stack.env["MLFLOW_PORT"])), timeout=30) as sock:
+        sock.sendall(head)
+        try:
+            sock.sendall(sent)
+        except OSError:
+            pass  # the server may answer and close before taking the whole body
+        reply = b""
+        while b"\r\n\r\n" not in reply or len(reply) < reply.index(b"\r\n\r\n") + 4 + 10:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    status = int(reply.split(b" ", 2)[1])
+    return status, reply.partition(b"\r\n\r\n")[2]
+
+
+def test_an_upload_over_the_limit_gets_413_and_the_server_stays_healthy(stack: Stack, trained, served_experiment: str):
+    limit = 64 * 1024 * 1024  # MLFLOW_MAX_BODY_SIZE of the test stack
+    run_id = trained["run"].rstrip("/").rsplit("/", 1)[-1]
+    path = f"/api/2.0/mlflow-artifacts/artifacts/{served_experiment}/{run_id}/artifacts/too-big.bin"
+    status, body = raw_put(stack, path, declared=limit + 1, sent=b"\0" * (4 * 1024 * 1024))
+    assert status == 413, body[:300]
+    assert b"REQUEST_TOO_LARGE" in body
+    # Nothing was stored, and the server still takes an upload within the limit.
+    fits = call(stack, "trainer", "PUT", path.replace("too-big", "fits"), data=b"\0" * (1024 * 1024))
+    assert fits.status_code == 200, fits.text
+    listed = call(stack, "trainer", "GET", "/api/2.0/mlflow-artifacts/artifacts",
+                  params={"path": f"{served_experiment}/{run_id}/artifacts"})
+    names = {f["path"] for f in listed.json().get("files", [])}
+    assert "fits.bin" in names and "too-big.bin" not in names, names
