@@ -221,6 +221,7 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     secret_env = {**os.environ,
                   "POSTGRES_USER": "mlflow", "POSTGRES_PASSWORD": secrets.token_urlsafe(18), "POSTGRES_DB": "mlflow",
+                  "MLFLOW_DB_USER": "mlflow_app", "MLFLOW_DB_PASSWORD": secrets.token_urlsafe(18),
                   "MLFLOW_ADMIN_USERNAME": "admin", "MLFLOW_ADMIN_PASSWORD": secrets.token_urlsafe(18),
                   "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_urlsafe(24),
                   "TRAINER_USERNAME": "trainer", "TRAINER_PASSWORD": secrets.token_urlsafe(18),
@@ -249,12 +250,17 @@ def main():
                 raise RuntimeError("Postgres did not accept TCP connections within 180 s")
             time.sleep(1)
         psql(pg, pg_password, "mlflow", "CREATE DATABASE mlflow_plain")
+        # Ours logs in as its own role, as in the stack: db-init's one-shot makes it.
+        docker("run", "--rm", "--network", c.network, "--entrypoint", "python",
+               "-e", "POSTGRES_USER", "-e", "POSTGRES_PASSWORD", "-e", "POSTGRES_DB",
+               "-e", "MLFLOW_DB_USER", "-e", "MLFLOW_DB_PASSWORD", MLFLOW_IMAGE, "/opt/mlflow/init_database.py",
+               env=secret_env)
 
         cpus = f"{args.cpus:g}"
         ours = c.run("ours", "--network-alias", "mlflow", "-p", "127.0.0.1::5000", "--cpus", cpus,
                      "--memory", "2g", "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
                      "--security-opt", "no-new-privileges:true",
-                     "-e", "POSTGRES_USER", "-e", "POSTGRES_PASSWORD", "-e", "POSTGRES_DB",
+                     "-e", "POSTGRES_DB", "-e", "MLFLOW_DB_USER", "-e", "MLFLOW_DB_PASSWORD",
                      "-e", "S3_BUCKET=mlflow", "-e", "MLFLOW_S3_ENDPOINT_URL=http://127.0.0.1:9",
                      "-e", "AWS_ACCESS_KEY_ID", "-e", "AWS_SECRET_ACCESS_KEY", "-e", "AWS_DEFAULT_REGION=us-east-1",
                      "-e", "MLFLOW_ADMIN_USERNAME", "-e", "MLFLOW_ADMIN_PASSWORD",
