@@ -13,17 +13,12 @@ anything, and some inputs break them:
                                  json.loads fails unguarded
 
 Only the request line, the headers and JSON bodies are looked at; artifact uploads and
-other non-JSON bodies pass untouched, except that no body may be larger than
-MLFLOW_MAX_BODY_BYTES: uploads are staged in the server's /tmp, a tmpfs counted against its
-memory limit, so one oversized upload would otherwise take the server down. MLflow runs this
-function for its Flask routes and, through a request-context bridge, for its FastAPI routes
-(the artifact upload among them), so the limit holds on both.
+other non-JSON bodies pass untouched.
 """
 
 from __future__ import annotations
 
 import json
-import os
 
 from flask import Response, g, request
 from mlflow.exceptions import MlflowException
@@ -40,7 +35,6 @@ _SINGLE_VALUED = frozenset({
     "trace_id", "username", "workspace",
 })
 _METHODS_WITH_JSON_BODIES = frozenset({"POST", "PATCH", "DELETE"})
-_MAX_BODY_BYTES = int(os.environ.get("MLFLOW_MAX_BODY_BYTES", str(512 * 1024 * 1024)))
 
 
 def authenticate_request():
@@ -54,22 +48,10 @@ def authenticate_request():
     # MLflow calls this several times per request; the body is looked at once.
     if not g.get("auth_guard_body_checked"):
         g.auth_guard_body_checked = True
-        refusal = _size_refusal() or _body_refusal()
+        refusal = _body_refusal()
         if refusal is not None:
             return refusal
     return result
-
-
-def _size_refusal() -> Response | None:
-    """Decided from the headers, before a byte of the body is read."""
-    length = request.content_length
-    if length is not None and length > _MAX_BODY_BYTES:
-        return _error(413, "REQUEST_TOO_LARGE", f"The request body is {length} bytes; this server takes at "
-                      f"most {_MAX_BODY_BYTES} (MLFLOW_MAX_BODY_SIZE).")
-    if length is None and "chunked" in request.headers.get("Transfer-Encoding", "").lower():
-        # A body of unknown length could exceed the limit only after it was staged.
-        return _error(411, "LENGTH_REQUIRED", "Send a Content-Length header with the request body.")
-    return None
 
 
 def _body_refusal() -> Response | None:
@@ -108,8 +90,3 @@ def _parse(text) -> tuple[object, str | None]:
 def _bad_request(message: str) -> Response:
     error = MlflowException(message, INVALID_PARAMETER_VALUE)
     return Response(error.serialize_as_json(), status=error.get_http_status_code(), mimetype="application/json")
-
-
-def _error(status: int, code: str, message: str) -> Response:
-    body = json.dumps({"error_code": code, "message": message})
-    return Response(body, status=status, mimetype="application/json", headers={"Connection": "close"})

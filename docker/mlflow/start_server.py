@@ -89,12 +89,13 @@ def main() -> None:
     # GraphQL answers with the same permission checks as the REST API; said here rather
     # than left to MLflow's default, so an upgrade cannot turn it off unnoticed.
     os.environ["MLFLOW_SERVER_ENABLE_GRAPHQL_AUTH"] = "true"
-    # Read by auth_guard in every worker: bodies above it get 413 before they are read.
+    # Read by body_limit.py in every worker: bodies above it get 413 before they are read.
     os.environ["MLFLOW_MAX_BODY_BYTES"] = str(settings.size_in_bytes("MLFLOW_MAX_BODY_SIZE", "512m"))
     origins = settings.optional("MLFLOW_CORS_ORIGINS", "")
     args = [
         "mlflow", "server",
-        "--app-name", "basic-auth",
+        # MLflow's basic-auth app behind a request body limit (body_limit.py).
+        "--app-name", "stack-basic-auth",
         "--serve-artifacts",
         "--artifacts-destination", f"s3://{settings.bucket()}/artifacts",
         "--host", "0.0.0.0",

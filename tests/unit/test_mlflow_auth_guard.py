@@ -69,31 +69,3 @@ def test_bad_credentials_are_answered_before_the_body_is_looked_at():
     answer, _ = guard(DEEP, mlflow_says=refusal)
     assert answer is refusal
 
-
-def test_a_body_over_the_limit_is_refused_from_its_declared_length(monkeypatch):
-    monkeypatch.setattr(auth_guard, "_MAX_BODY_BYTES", 1024)
-    with mock.patch.object(auth_guard.auth, "authenticate_request_basic_auth", return_value=AUTHENTICATED):
-        with Flask(__name__).test_request_context(
-                "/api/2.0/mlflow-artifacts/artifacts/1/model.pt", method="PUT", data=b"x" * 1025,
-                headers={"Authorization": BASIC, "Content-Type": "application/octet-stream"}):
-            answer = auth_guard.authenticate_request()
-    assert answer.status_code == 413
-    assert json.loads(answer.get_data())["error_code"] == "REQUEST_TOO_LARGE"
-
-
-def test_a_body_at_the_limit_reaches_mlflow(monkeypatch):
-    monkeypatch.setattr(auth_guard, "_MAX_BODY_BYTES", 1024)
-    with mock.patch.object(auth_guard.auth, "authenticate_request_basic_auth", return_value=AUTHENTICATED):
-        with Flask(__name__).test_request_context(
-                "/api/2.0/mlflow-artifacts/artifacts/1/model.pt", method="PUT", data=b"x" * 1024,
-                headers={"Authorization": BASIC, "Content-Type": "application/octet-stream"}):
-            assert auth_guard.authenticate_request() is AUTHENTICATED
-
-
-def test_a_chunked_body_of_unknown_length_is_refused():
-    with mock.patch.object(auth_guard.auth, "authenticate_request_basic_auth", return_value=AUTHENTICATED):
-        with Flask(__name__).test_request_context(
-                "/api/2.0/mlflow-artifacts/artifacts/1/model.pt", method="PUT",
-                headers={"Authorization": BASIC, "Transfer-Encoding": "chunked"}):
-            answer = auth_guard.authenticate_request()
-    assert answer.status_code == 411
