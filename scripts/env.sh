@@ -54,6 +54,18 @@ while IFS= read -r line; do
   added+=("$name")
 done <"$example"
 
+# Defaults that a release replaced: a .env written by an older release still holds them, and
+# keeping one would keep what the new release fixed (the S3 stand-in without SigV4 checks).
+retired_defaults=("OFFLINE_S3_IMAGE=mlops-local/s3:s3rver-3.7.1")
+for retired in "${retired_defaults[@]}"; do
+  name=${retired%%=*}
+  if grep -qxF "$retired" "$target"; then
+    current=$(grep "^${name}=" "$example" | tail -n1 | cut -d= -f2-)
+    sed -i "s|^${name}=.*|${name}=${current}|" "$target"
+    echo "Updated $name in $target to this release's default: $current"
+  fi
+done
+
 # The model signing pair: both halves are made together, and only when the private key is
 # missing; a public key alone is never replaced, since serving trusts whatever it holds.
 current_key=$(grep '^MODEL_SIGNING_KEY=' "$target" | tail -n1 | cut -d= -f2-)

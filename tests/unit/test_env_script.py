@@ -72,3 +72,16 @@ def test_rerun_keeps_values_and_fills_only_what_is_missing(tmp_path):
     assert updated["TRAINER_PASSWORD"] != original["TRAINER_PASSWORD"]
     unchanged = {k: v for k, v in original.items() if k not in ("SERVING_PASSWORD", "TRAINER_PASSWORD")}
     assert {k: updated[k] for k in unchanged} == unchanged
+
+
+def test_a_default_that_a_release_retired_is_replaced_and_said(tmp_path):
+    """An older .env names the S3 stand-in image without SigV4 checks; keeping it would keep
+    the hole the new image closes."""
+    path = tmp_path / ".env"
+    make_env(path)
+    lines = [("OFFLINE_S3_IMAGE=mlops-local/s3:s3rver-3.7.1" if line.startswith("OFFLINE_S3_IMAGE=") else line)
+             for line in path.read_text().splitlines()]
+    path.write_text("\n".join(lines) + "\n")
+    output = make_env(path)
+    assert read(path)["OFFLINE_S3_IMAGE"] == read(ROOT / ".env.example")["OFFLINE_S3_IMAGE"]
+    assert "Updated OFFLINE_S3_IMAGE" in output
