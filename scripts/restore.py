@@ -191,14 +191,14 @@ class Restore:
     # --- step 2: load into scratch databases ---------------------------------------------
     def drop_scratch(self) -> None:
         for _, _, scratch, _ in self.databases:
-            self.stack.psql("DROP DATABASE IF EXISTS :\"db\" WITH (FORCE)", db="postgres", **{"db": scratch})
+            self.stack.psql("DROP DATABASE IF EXISTS :\"name\" WITH (FORCE)", name=scratch)
 
     def load(self) -> None:
         self.drop_scratch()  # left over by an interrupted restore
         for dump, _, scratch, _ in self.databases:
             say(f"Loading {dump} into a new database {scratch}, as {self.stack.app_role}...")
-            self.stack.psql("CREATE DATABASE :\"db\" OWNER :\"role\" TEMPLATE template0",
-                            db="postgres", role=self.stack.app_role, **{"db": scratch})
+            self.stack.psql("CREATE DATABASE :\"name\" OWNER :\"role\" TEMPLATE template0",
+                            name=scratch, role=self.stack.app_role)
             with tempfile.TemporaryFile() as errors, Member(self.archive, dump) as member:
                 # --no-owner: every object belongs to the role that loads it, whoever owned it before.
                 process = subprocess.Popen(
@@ -252,7 +252,7 @@ class Restore:
                "BEGIN;"]
         for i, (_, live, scratch, previous) in enumerate(self.databases):
             names.update({f"live{i}": live, f"scratch{i}": scratch, f"previous{i}": previous})
-            exists = self.stack.psql("SELECT 1 FROM pg_database WHERE datname = :'db'", db="postgres", **{"db": live})
+            exists = self.stack.psql("SELECT 1 FROM pg_database WHERE datname = :'name'", name=live)
             if exists:
                 sql.append(f"ALTER DATABASE :\"live{i}\" RENAME TO :\"previous{i}\";")
             sql.append(f"ALTER DATABASE :\"scratch{i}\" RENAME TO :\"live{i}\";")
@@ -261,7 +261,7 @@ class Restore:
 
     def drop_previous(self) -> None:
         for _, _, _, previous in self.databases:
-            self.stack.psql("DROP DATABASE IF EXISTS :\"db\" WITH (FORCE)", db="postgres", **{"db": previous})
+            self.stack.psql("DROP DATABASE IF EXISTS :\"name\" WITH (FORCE)", name=previous)
 
     def admins(self) -> list[str]:
         return self.stack.psql("SELECT username FROM users WHERE is_admin ORDER BY username", db=AUTH_DB).split()
