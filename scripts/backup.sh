@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # Writes one archive of the running stack's data: both Postgres databases (pg_dump) and every
-# object of the artifact bucket, with a manifest of counts and sha256 checksums. Secrets stay
-# out of it: restoring needs only the target stack's own .env.
-#   usage: scripts/backup.sh        -> backups/<project>-<UTC time>.tar.gz
+# object of the artifact bucket, with a manifest of counts, versions and sha256 checksums,
+# authenticated with BACKUP_KEY (HMAC-SHA256). Secrets stay out of it: restoring needs only
+# the target stack's own .env, with the same BACKUP_KEY.
+#   usage: scripts/backup.sh [FILE]   -> FILE, or backups/<project>-<UTC time>.tar.gz
 # BACKUP_DIR picks the directory. Which stack: ENV_FILE (default .env), where compose's own
 # variables (COMPOSE_PROJECT_NAME, COMPOSE_FILE) win, as they do for docker compose.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 # Paths the caller gave are relative to where they called from, not to the repo.
 absolute() { case $1 in /*) printf '%s' "$1" ;; *) printf '%s/%s' "$PWD" "$1" ;; esac; }
+[ $# -le 1 ] || { echo "usage: $0 [FILE]" >&2; exit 2; }
 env_file=$(absolute "${ENV_FILE:-$root/.env}")
 backup_dir=$(absolute "${BACKUP_DIR:-$root/backups}")
+[ $# -eq 0 ] || { archive=$(absolute "$1"); backup_dir=$(dirname "$archive"); }
 cd "$root"
 [ -f "$env_file" ] || { echo "No $env_file: run 'make up' first." >&2; exit 2; }
 compose=(docker compose --env-file "$env_file")
@@ -21,6 +24,10 @@ setting() { # NAME DEFAULT: the environment first, then the env file, as compose
   printf '%s' "${value:-$2}"
 }
 project=$(setting COMPOSE_PROJECT_NAME mlops)
+# Only the manifest module and the check at the end see it, through their environment.
+BACKUP_KEY=$(setting BACKUP_KEY "")
+[ -n "$BACKUP_KEY" ] || { echo "BACKUP_KEY is not set in $env_file: run 'make env' to add it." >&2; exit 2; }
+export BACKUP_KEY
 
 running=$("${compose[@]}" ps --status running --services)
 for service in postgres minio; do
@@ -34,7 +41,7 @@ done
 umask 077
 mkdir -p "$backup_dir"
 read -r created stamp < <(date -u '+%Y-%m-%dT%H:%M:%SZ %Y%m%dT%H%M%SZ')
-archive="$backup_dir/$project-$stamp.tar.gz"
+archive=${archive:-$backup_dir/$project-$stamp.tar.gz}
 work=$(mktemp -d "$backup_dir/.backup-XXXXXX")
 trap 'rm -rf "$work"' EXIT
 mkdir "$work/archive"
@@ -60,48 +67,20 @@ echo "...artifacts..."
 "${compose[@]}" run --rm --no-deps -T --entrypoint python s3-init /opt/mlflow/bucket_archive.py export \
   >"$work/archive/bucket.tar"
 
-python3 - "$work" "$project" "$created" <<'PY'
-import hashlib, json, sys, tarfile
-from pathlib import Path
-
-work, project, created = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
-rows = dict(line.rsplit(" ", 1) for line in (work / "rows").read_text().splitlines())
-with tarfile.open(work / "archive/bucket.tar") as bucket:
-    index = json.load(bucket.extractfile("bucket.json"))
-
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-tables = {"experiments": "experiments", "runs": "runs", "metric_rows": "metrics", "params": "params",
-          "registered_models": "registered_models", "model_versions": "model_versions",
-          "aliases": "registered_model_aliases", "users": "users"}
-manifest = {
-    "format": 1,
-    "project": project,
-    "created": created,
-    "counts": {**{name: int(rows[f"public.{table}"]) for name, table in tables.items()},
-               "objects": len(index["objects"])},
-    "files": {p.name: {"size": p.stat().st_size, "sha256": sha256(p)}
-              for p in sorted((work / "archive").iterdir())},
-    "bucket": index["bucket"],
-    "objects": index["objects"],
-}
-(work / "archive/manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-PY
+# What wrote the data, so that a restore can tell whether its image can read it.
+in_postgres 'psql -At -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d "$POSTGRES_DB" -c "SHOW server_version"' \
+  >"$work/postgres_version"
+in_postgres 'psql -At -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d "$POSTGRES_DB" -c "SELECT version_num FROM alembic_version"' \
+  >"$work/tracking_schema"
+in_postgres 'psql -At -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d mlflow_auth -c "SELECT version_num FROM alembic_version_auth"' \
+  >"$work/auth_schema"
+# In a one-off container of the tracking server: importing its code needs a writable /tmp.
+"${compose[@]}" run --rm --no-deps -T --entrypoint python mlflow /opt/mlflow/schema_info.py >"$work/image.json"
+python3 docker/mlflow/backup_manifest.py write "$work" "$project" "$created"
 
 # Written under a temporary name, so an archive with the final name is always complete.
-tar -C "$work/archive" -czf "$work/archive.tar.gz" manifest.json tracking.dump auth.dump bucket.tar
+tar -C "$work/archive" -czf "$work/archive.tar.gz" manifest.json manifest.json.hmac tracking.dump auth.dump bucket.tar
 # The same check restore makes before it touches anything.
 scripts/restore.sh --verify "$work/archive.tar.gz" >/dev/null
 mv "$work/archive.tar.gz" "$archive"
-python3 - "$archive" "$work/archive/manifest.json" <<'PY'
-import json, os, sys
-
-archive, manifest = sys.argv[1], json.load(open(sys.argv[2]))
-print(f"Wrote {archive} ({os.path.getsize(archive) / 1e6:.1f} MB)")
-print("  " + ", ".join(f"{name.replace('_', ' ')}: {count}" for name, count in manifest["counts"].items()))
-PY
+python3 docker/mlflow/backup_manifest.py summary "$archive" "$work/archive/manifest.json"

@@ -1,15 +1,17 @@
 """One-shot: every object of the artifact bucket as a tar stream, out and back in.
 
     python /opt/mlflow/bucket_archive.py export  >bucket.tar
-    python /opt/mlflow/bucket_archive.py import  <bucket.tar
+    python /opt/mlflow/bucket_archive.py upload  <bucket.tar
+    python /opt/mlflow/bucket_archive.py prune   <manifest.json
 
 export writes one member `objects/<key>` per object, then `bucket.json`: every key with its
-size and sha256, hashed while it was read from S3. import makes the bucket hold exactly those
-objects: it uploads each one, deletes every other, then reads the whole bucket back and
-checks it against the index.
+size and sha256, hashed while it was read from S3. A restore runs upload once the databases
+are known to load (it adds and overwrites, never deletes), and prune only after the databases
+were swapped: it deletes every object the manifest does not list, then reads the whole bucket
+back against the manifest's checksums.
 
 S3 sits on the stack's internal network, out of the host's reach, so scripts/backup.sh and
-scripts/restore.sh run this in a container and pipe the tar through. The tar is only a
+scripts/restore.py run this in a container and pipe the data through. The tar is only a
 transport and is never unpacked to disk: keys stay exactly as S3 has them, `..` and all.
 """
 
@@ -27,13 +29,7 @@ from botocore.config import Config
 
 import create_bucket
 import settings
-
-OBJECTS = "objects/"
-INDEX = "bucket.json"
-# How S3 serves the object (content type, user metadata), kept in the member's PAX header
-# under the keyword tar tools use for extended attributes: GNU tar and bsdtar then read
-# bucket.tar without warnings.
-S3_HEADER = "SCHILY.xattr.user.s3"
+from backup_manifest import INDEX, OBJECTS, S3_HEADER, Refused, object_headers
 
 
 class HashingReader:
@@ -106,7 +102,7 @@ def export(s3, bucket: str, out) -> None:
     settings.log(f"exported {len(index)} objects ({total} bytes) from bucket {bucket}")
 
 
-def import_(s3, bucket: str, source) -> None:
+def upload(s3, bucket: str, source) -> None:
     create_bucket.main()  # a fresh S3 volume may not have the bucket yet
     uploaded: dict[str, str] = {}
     index = None
@@ -118,7 +114,11 @@ def import_(s3, bucket: str, source) -> None:
             if not (member.isfile() and member.name.startswith(OBJECTS)):
                 raise SystemExit(f"not a bucket archive: unexpected member {member.name!r}")
             key = member.name[len(OBJECTS):]
-            serving = json.loads(member.pax_headers.get(S3_HEADER, "{}"))
+            try:
+                # Checked on the host before the restore began; again here, where it counts.
+                serving = object_headers(key, member.pax_headers.get(S3_HEADER))
+            except Refused as error:
+                raise SystemExit(str(error)) from None
             body = HashingReader(tar.extractfile(member))
             s3.upload_fileobj(body, bucket, key, ExtraArgs=serving or None)
             uploaded[key] = body.digest.hexdigest()
@@ -128,7 +128,11 @@ def import_(s3, bucket: str, source) -> None:
     differing = sorted(k for k in expected.keys() | uploaded.keys() if expected.get(k) != uploaded.get(k))
     if differing:
         raise SystemExit(f"{len(differing)} objects differ from the archive's index, e.g. {differing[:3]}")
+    settings.log(f"uploaded {len(uploaded)} objects into bucket {bucket}")
 
+
+def prune(s3, bucket: str, manifest) -> None:
+    expected = {item["key"]: item["sha256"] for item in json.load(manifest)["objects"]}
     stale = [key for key in list_keys(s3, bucket) if key not in expected]
     for start in range(0, len(stale), 1000):
         batch = [{"Key": key} for key in stale[start:start + 1000]]
@@ -144,19 +148,18 @@ def import_(s3, bucket: str, source) -> None:
     for key in present:
         if sha256_of(s3, bucket, key) != expected[key]:
             raise SystemExit(f"object {key} does not match its checksum after upload")
-    settings.log(f"restored {len(present)} objects into bucket {bucket} (each checksum verified), "
+    settings.log(f"bucket {bucket} holds the archive's {len(present)} objects (each checksum verified); "
                  f"removed {len(stale)} that were not in the archive")
 
 
 def main() -> None:
     command = sys.argv[1] if len(sys.argv) == 2 else ""
-    if command not in ("export", "import"):
-        raise SystemExit("usage: bucket_archive.py export >bucket.tar | import <bucket.tar")
-    s3, bucket = s3_client(), settings.bucket()
-    if command == "export":
-        export(s3, bucket, sys.stdout.buffer)
-    else:
-        import_(s3, bucket, sys.stdin.buffer)
+    commands = {"export": lambda s3, b: export(s3, b, sys.stdout.buffer),
+                "upload": lambda s3, b: upload(s3, b, sys.stdin.buffer),
+                "prune": lambda s3, b: prune(s3, b, sys.stdin.buffer)}
+    if command not in commands:
+        raise SystemExit("usage: bucket_archive.py export >bucket.tar | upload <bucket.tar | prune <manifest.json")
+    commands[command](s3_client(), settings.bucket())
 
 
 if __name__ == "__main__":
