@@ -2,7 +2,7 @@
 # `make up` runs this before anything starts. Publishing the stack beyond this machine
 # without the TLS proxy (compose.tls.yaml) would send every MLflow and model-endpoint
 # password across the network in clear text, so that takes an explicit
-# ALLOW_PLAINTEXT_SHARING=yes.
+# ALLOW_PLAINTEXT_SHARING=yes. With the proxy, an open model endpoint gets a warning.
 #   usage: scripts/check-bind-address.sh [ENV_FILE]      (exit 1: refused)
 set -euo pipefail
 ENV_FILE=${1:-.env}
@@ -30,7 +30,11 @@ case $override in
 esac
 
 is_loopback "$bind" && exit 0
-[[ $files == *compose.tls.yaml* ]] && exit 0
+if [[ $files == *compose.tls.yaml* ]]; then
+  [ "${SERVING_AUTH:-basic}" != none ] \
+    || echo "make up: warning: SERVING_AUTH=none: the model endpoint on $bind is open to anyone who reaches it; SERVING_AUTH=basic asks for SERVING_CLIENT_PASSWORD" >&2
+  exit 0
+fi
 if [ "$override" = yes ]; then
   echo "make up: warning: BIND_ADDRESS=$bind without TLS (ALLOW_PLAINTEXT_SHARING=yes): passwords cross the network in clear text" >&2
   exit 0

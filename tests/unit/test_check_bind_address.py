@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "scripts/check-bind-address.sh"
 PLAIN = "compose.yaml:compose.offline.yaml"
 TLS = "compose.yaml:compose.offline.yaml:compose.tls.yaml"
-SETTINGS = ("BIND_ADDRESS", "COMPOSE_FILE", "ALLOW_PLAINTEXT_SHARING")
+SETTINGS = ("BIND_ADDRESS", "COMPOSE_FILE", "ALLOW_PLAINTEXT_SHARING", "SERVING_AUTH")
 
 
 def check(tmp_path: Path, environment: dict[str, str] | None = None, **settings: str) -> subprocess.CompletedProcess:
@@ -61,6 +61,17 @@ def test_beyond_loopback_with_the_tls_proxy_starts_quietly(tmp_path, address):
     result = check(tmp_path, BIND_ADDRESS=address, COMPOSE_FILE=TLS)
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
+
+
+def test_open_model_endpoint_behind_the_proxy_gets_a_warning(tmp_path):
+    """An .env from before SERVING_AUTH defaulted to basic says none."""
+    shared = check(tmp_path, BIND_ADDRESS="0.0.0.0", COMPOSE_FILE=TLS, SERVING_AUTH="none")
+    assert shared.returncode == 0
+    lines = shared.stderr.splitlines()
+    assert len(lines) == 1 and "warning" in lines[0] and "SERVING_AUTH=basic" in lines[0], lines
+    for quiet in (check(tmp_path, BIND_ADDRESS="0.0.0.0", COMPOSE_FILE=TLS, SERVING_AUTH="basic"),
+                  check(tmp_path, BIND_ADDRESS="127.0.0.1", COMPOSE_FILE=TLS, SERVING_AUTH="none")):
+        assert quiet.returncode == 0 and quiet.stderr == ""
 
 
 @pytest.mark.parametrize("address", ["0.0.0.0", "10.0.4.17", "2001:db8::1"])
