@@ -39,6 +39,7 @@ build: env ## Build the stack's images (each once; later builds reuse the cache)
 	@$(COMPOSE) --profile train build
 
 up: build ## Build, start detached, wait until healthy, print the URLs
+	@scripts/check-bind-address.sh $(ENV_FILE)
 	@$(COMPOSE) up -d --wait --wait-timeout 300 || { $(COMPOSE) ps -a; $(COMPOSE) logs --tail 40; exit 1; }
 	@scripts/print-urls.sh
 

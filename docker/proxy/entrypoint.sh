@@ -16,15 +16,28 @@ umask 077
 mkdir -p "$runtime" /tmp/nginx
 
 TLS_HOSTNAME=${TLS_HOSTNAME:-localhost}
-SERVING_AUTH=${SERVING_AUTH:-none}
+SERVING_AUTH=${SERVING_AUTH:-basic}
 SERVING_MAX_BODY_BYTES=${SERVING_MAX_BODY_BYTES:-8388608}
 MLFLOW_MAX_BODY_SIZE=${MLFLOW_MAX_BODY_SIZE:-1g}
+PROXY_FAILED_LOGINS_PER_MINUTE=${PROXY_FAILED_LOGINS_PER_MINUTE:-10}
+PROXY_FAILED_LOGIN_BURST=${PROXY_FAILED_LOGIN_BURST:-10}
+PROXY_CONNECTIONS_PER_CLIENT=${PROXY_CONNECTIONS_PER_CLIENT:-64}
+PROXY_HSTS_MAX_AGE=${PROXY_HSTS_MAX_AGE:-31536000}
 brought_cert=/run/secrets/tls_cert
 brought_key=/run/secrets/tls_key
 
 case $SERVING_MAX_BODY_BYTES in
   '' | *[!0-9]*) die "SERVING_MAX_BODY_BYTES must be a number of bytes, not '$SERVING_MAX_BODY_BYTES'" ;;
 esac
+# The proxy's limits: whole numbers, at least 1 where 0 would let nothing through.
+whole_number() {  # NAME VALUE MINIMUM
+  case $2 in '' | *[!0-9]* | ??????????*) die "$1 must be a whole number (at most 9 digits), not '$2'" ;; esac
+  [ "$2" -ge "$3" ] || die "$1 must be at least $3, not '$2'"
+}
+whole_number PROXY_FAILED_LOGINS_PER_MINUTE "$PROXY_FAILED_LOGINS_PER_MINUTE" 1
+whole_number PROXY_FAILED_LOGIN_BURST "$PROXY_FAILED_LOGIN_BURST" 0
+whole_number PROXY_CONNECTIONS_PER_CLIENT "$PROXY_CONNECTIONS_PER_CLIENT" 1
+whole_number PROXY_HSTS_MAX_AGE "$PROXY_HSTS_MAX_AGE" 0
 echo "$MLFLOW_MAX_BODY_SIZE" | grep -Eq '^[0-9]+[kKmMgG]?$' \
   || die "MLFLOW_MAX_BODY_SIZE must look like 500m or 2g, not '$MLFLOW_MAX_BODY_SIZE'"
 echo "$TLS_HOSTNAME" | grep -Eq '^[A-Za-z0-9.:-]+$' \
@@ -107,6 +120,10 @@ sed -e "s|@TLS_CERT@|$cert|g" \
     -e "s|@MLFLOW_MAX_BODY_SIZE@|$MLFLOW_MAX_BODY_SIZE|g" \
     -e "s|@SERVING_MAX_BODY_BYTES@|$SERVING_MAX_BODY_BYTES|g" \
     -e "s|@SERVING_AUTH_REALM@|$realm|g" \
+    -e "s|@PROXY_FAILED_LOGINS_PER_MINUTE@|$PROXY_FAILED_LOGINS_PER_MINUTE|g" \
+    -e "s|@PROXY_FAILED_LOGIN_BURST@|$PROXY_FAILED_LOGIN_BURST|g" \
+    -e "s|@PROXY_CONNECTIONS_PER_CLIENT@|$PROXY_CONNECTIONS_PER_CLIENT|g" \
+    -e "s|@PROXY_HSTS_MAX_AGE@|$PROXY_HSTS_MAX_AGE|g" \
     /etc/nginx/proxy.conf.template >"$runtime/nginx.conf"
 nginx -e stderr -t -q -c "$runtime/nginx.conf" || die "the rendered nginx configuration is invalid"
 

@@ -8,6 +8,7 @@ import os
 import re
 import secrets
 import socket
+import ssl
 import subprocess
 from pathlib import Path
 
@@ -197,27 +198,38 @@ def test_our_services_drop_capabilities_and_have_read_only_roots(stack: Stack):
 
 # --- the opt-in TLS proxy --------------------------------------------------------------------
 
+# Small limits, so that a short burst reaches them: 1 failed login a minute after a burst of 5.
+FAILED_LOGIN_BURST = 5
+
+
 class TlsProxy:
     """The proxy service of compose.tls.yaml, added to the shared stack without touching the
-    other services (--no-deps), with its own ports and serving auth from the environment."""
+    other services (--no-deps), with its own ports. Its .env is the stack's without any
+    SERVING_AUTH line (one written before that setting existed), so whether the model
+    endpoint asks for credentials is decided by the defaults alone."""
 
     def __init__(self, stack: Stack, workdir: Path):
         self.stack = stack
         self.workdir = workdir
-        self.client = ("team", secrets.token_urlsafe(24))
+        self.env_file = workdir / ".env"
+        self.env_file.write_text("".join(line + "\n" for line in stack.env_file.read_text().splitlines()
+                                         if not line.startswith("SERVING_AUTH=")))
+        self.env_file.chmod(0o600)
+        self.client = (stack.env["SERVING_CLIENT_USERNAME"], stack.env["SERVING_CLIENT_PASSWORD"])
         self.env = dict(os.environ,
                         MLFLOW_TLS_PORT=str(free_port()),
                         SERVING_TLS_PORT=str(free_port()),
-                        SERVING_AUTH="basic",
-                        SERVING_CLIENT_USERNAME=self.client[0],
-                        SERVING_CLIENT_PASSWORD=self.client[1])
+                        PROXY_FAILED_LOGINS_PER_MINUTE="1",
+                        PROXY_FAILED_LOGIN_BURST=str(FAILED_LOGIN_BURST))
+        for name in ("SERVING_AUTH", "SERVING_CLIENT_USERNAME", "SERVING_CLIENT_PASSWORD"):
+            self.env.pop(name, None)
         if stack.offline:
             # Without a registry the proxy is built on the same local Debian image as ours.
             self.env["BASE_IMAGE"] = stack.env.get("OFFLINE_BASE_IMAGE", "mlops-local/debian:trixie")
         self.cert = workdir / "proxy.crt"
 
     def compose(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        cmd = ["docker", "compose", "--project-name", self.stack.project, "--env-file", str(self.stack.env_file)]
+        cmd = ["docker", "compose", "--project-name", self.stack.project, "--env-file", str(self.env_file)]
         for f in self.stack.compose_files + [ROOT / "compose.tls.yaml"]:
             cmd += ["-f", str(f)]
         result = subprocess.run(cmd + list(args), capture_output=True, text=True, env=self.env, cwd=ROOT,
@@ -248,6 +260,17 @@ class TlsProxy:
     @property
     def serving_url(self) -> str:
         return f"https://localhost:{self.env['SERVING_TLS_PORT']}"
+
+    def handshake(self, port_name: str, lowest: ssl.TLSVersion, highest: ssl.TLSVersion, ciphers: str) -> str:
+        """The TLS version a client limited to these protocols and TLS 1.2 ciphers gets, or
+        the ssl.SSLError the server's refusal raises. Security level 0 lets this client offer
+        what its OpenSSL would otherwise keep to itself, so a refusal comes from the proxy."""
+        context = ssl.create_default_context(cafile=str(self.cert))
+        context.minimum_version, context.maximum_version = lowest, highest
+        context.set_ciphers(f"{ciphers}:@SECLEVEL=0")
+        with socket.create_connection(("127.0.0.1", int(self.env[port_name])), timeout=10) as raw:
+            with context.wrap_socket(raw, server_hostname="localhost") as tls:
+                return tls.version()
 
 
 @pytest.fixture(scope="module")
@@ -316,6 +339,64 @@ def test_tls_proxy_requires_basic_auth_for_invocations(stack: Stack, trained, ad
     assert ok.headers["X-Model-Version"] == served
 
 
+def test_model_endpoint_asks_for_credentials_by_default(stack: Stack, tls_proxy: TlsProxy):
+    assert "SERVING_AUTH=" not in tls_proxy.env_file.read_text() and "SERVING_AUTH" not in tls_proxy.env
+    for path in ("/invocations", "/ping", "/version"):
+        response = requests.get(tls_proxy.serving_url + path, verify=str(tls_proxy.cert), timeout=10)
+        assert response.status_code == 401, f"{path}: {response.status_code}"
+        assert response.headers["WWW-Authenticate"].startswith("Basic "), response.headers
+
+
+def test_tls_proxy_streams_chunked_model_requests(stack: Stack, trained, admin_client: MlflowClient,
+                                                  tls_proxy: TlsProxy):
+    """A body of unknown length reaches the model through the proxy piece by piece."""
+    stack.wait_served_version(holder(stack, admin_client), timeout=180)
+    body = json.dumps({"inputs": [[[[0.0] * 28] * 28]] * 4}).encode()
+    pieces = (body[i:i + 4096] for i in range(0, len(body), 4096))
+    response = requests.post(tls_proxy.serving_url + "/invocations", data=pieces, auth=tls_proxy.client,
+                             headers={"Content-Type": "application/json"}, verify=str(tls_proxy.cert), timeout=60)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["predictions"]) == 4
+
+
+def test_tls_proxy_sends_hsts_on_both_ports(stack: Stack, tls_proxy: TlsProxy):
+    verify = str(tls_proxy.cert)
+    answers = {
+        "tracking, public": requests.get(tls_proxy.mlflow_url + "/health", verify=verify, timeout=10),
+        "tracking, API": requests.get(tls_proxy.mlflow_url + SEARCH, auth=stack.credentials("admin"),
+                                      verify=verify, timeout=10),
+        "model endpoint, no login": requests.get(tls_proxy.serving_url + "/ping", verify=verify, timeout=10),
+        "model endpoint, too large": requests.post(tls_proxy.serving_url + "/invocations", verify=verify,
+                                                   timeout=30, data=b"0" * (int(stack.env["SERVING_MAX_BODY_BYTES"]) + 1)),
+    }
+    assert [response.status_code for response in answers.values()] == [200, 200, 401, 413]
+    for what, response in answers.items():
+        hsts = response.headers.get("Strict-Transport-Security", "")
+        max_age = re.fullmatch(r"max-age=(\d+)", hsts)
+        assert max_age and int(max_age.group(1)) >= 86400, f"{what}: Strict-Transport-Security {hsts!r}"
+
+
+@pytest.mark.parametrize("port_name", ["MLFLOW_TLS_PORT", "SERVING_TLS_PORT"])
+def test_tls_proxy_refuses_old_protocols_and_weak_ciphers(tls_proxy: TlsProxy, port_name: str):
+    # The same kind of client gets in with TLS 1.2 and a modern cipher, so the refusals below
+    # are about what it offers.
+    assert tls_proxy.handshake(port_name, ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_2, "DEFAULT") == "TLSv1.2"
+    assert tls_proxy.handshake(port_name, ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_2,
+                               "ECDHE-ECDSA-AES128-GCM-SHA256") == "TLSv1.2"
+    refused = {
+        "TLS 1.0 and 1.1": (ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1, "DEFAULT"),
+        # CBC with SHA-1 or SHA-2 MACs, and static RSA key exchange: in OpenSSL's HIGH, not in Mozilla's list.
+        "weak TLS 1.2 ciphers": (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_2,
+                                 "ECDHE-ECDSA-AES128-SHA:ECDHE-ECDSA-AES256-SHA:ECDHE-ECDSA-AES128-SHA256:"
+                                 "ECDHE-ECDSA-AES256-SHA384:AES128-SHA:AES256-GCM-SHA384"),
+    }
+    for what, (lowest, highest, ciphers) in refused.items():
+        with pytest.raises(ssl.SSLError) as refusal:
+            tls_proxy.handshake(port_name, lowest, highest, ciphers)
+        # An alert is the server saying no; anything else would be this client giving up.
+        assert "ALERT" in str(refusal.value.reason), f"{what}: {refusal.value}"
+
+
 def test_tls_proxy_refuses_bodies_over_the_serving_limit(stack: Stack, trained, tls_proxy: TlsProxy):
     limit = int(stack.env.get("SERVING_MAX_BODY_BYTES", "8388608"))
     response = requests.post(tls_proxy.serving_url + "/invocations", data=b"0" * (limit + 1),
@@ -338,3 +419,37 @@ def test_tls_proxy_runs_unprivileged_with_a_read_only_root(stack: Stack, tls_pro
     assert htpasswd.startswith(f"{tls_proxy.client[0]}:$6$") and tls_proxy.client[1] not in htpasswd
     mounts = tls_proxy.compose("exec", "-T", "proxy", "cat", "/proc/mounts").stdout
     assert any(line.split()[1] == "/tmp" and line.split()[0] == "tmpfs" for line in mounts.splitlines())
+
+
+def test_failed_logins_are_limited_per_client_but_correct_logins_never_are(stack: Stack, trained,
+                                                                          tls_proxy: TlsProxy):
+    """Last in this module on purpose: afterwards this client's failed logins get 429 for
+    minutes (the fixture allows 1 a minute). Every request here comes from the same address
+    as the proxy sees it, the Docker network's gateway."""
+    verify = str(tls_proxy.cert)
+    admin = stack.credentials("admin")
+    search = tls_proxy.mlflow_url + SEARCH
+
+    def status(url: str, auth: tuple[str, str] | None = None) -> int:
+        return requests.get(url, auth=auth, verify=verify, timeout=30).status_code
+
+    # Neither requests without credentials (a browser before its login prompt) nor correct
+    # logins count: three bursts' worth of each, and none is refused.
+    many = 3 * FAILED_LOGIN_BURST
+    assert [status(search) for _ in range(many)] == [401] * many
+    assert [status(search, admin) for _ in range(many)] == [200] * many
+    # Wrong passwords: 401 until this client's burst is spent (earlier tests here used at
+    # most one of it), then 429; bounded, so a limit that never comes fails the test.
+    wrong = (admin[0], "not-the-password")
+    codes: list[int] = []
+    while 429 not in codes and len(codes) < FAILED_LOGIN_BURST + 10:
+        codes.append(status(search, wrong))
+    assert 429 in codes, codes
+    assert codes.index(429) >= FAILED_LOGIN_BURST - 1 and set(codes[:codes.index(429)]) == {401}, codes
+    # The same client logging in correctly right after is served as always.
+    assert status(search, admin) == 200
+    # One allowance per client for both ports: the model endpoint's own login check is
+    # limited too, and its right password still gets through.
+    assert status(tls_proxy.serving_url + "/ping", (tls_proxy.client[0], "wrong")) == 429
+    assert status(tls_proxy.serving_url + "/ping", tls_proxy.client) == 200
+    assert status(search, admin) == 200
