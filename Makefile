@@ -21,7 +21,7 @@ ARGS ?=
 # Tagged on every training run; baked into the trainer image at build time.
 export GIT_COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null)
 
-.PHONY: help env up down build offline-images train predict logs ps models promote rollback \
+.PHONY: help env up down build offline-images train predict logs ps models promote sign rollback \
         test test-unit test-integration bench bench-trainer bench-serving bench-switch \
         bench-tracking bench-cold-start bench-load backup restore clean doctor lock
 
@@ -59,6 +59,10 @@ models: ## Table of registered versions: run, eval accuracy, created, alias hold
 promote: ## Point the alias at a version: make promote VERSION=3
 	@test -n "$(VERSION)" || { echo "usage: make promote VERSION=<n>"; exit 2; }
 	@$(COMPOSE) run --rm --no-deps -T --entrypoint python trainer -m trainer.models promote $(VERSION)
+
+sign: ## Sign a version logged before models were signed, vouching for its files: make sign VERSION=3
+	@test -n "$(VERSION)" || { echo "usage: make sign VERSION=<n>"; exit 2; }
+	@$(COMPOSE) run --rm --no-deps -T --entrypoint python trainer -m trainer.models sign $(VERSION)
 
 rollback: ## Move the alias back to the version that held it before
 	@$(COMPOSE) run --rm --no-deps -T --entrypoint python trainer -m trainer.models rollback

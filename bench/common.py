@@ -522,6 +522,25 @@ def sample_images(count: int, seed: int = 0):
     return images[:, None, :, :].astype(np.float32) / 255.0
 
 
+_SIGNING_KEYS: dict[str, str] = {}
+
+
+def signing_keys() -> dict[str, str]:
+    """One model signing pair per benchmark process, as `make env` writes it (base64 PEMs)."""
+    if not _SIGNING_KEYS:
+        import base64
+
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        _SIGNING_KEYS["MODEL_SIGNING_KEY"] = base64.b64encode(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())).decode()
+        _SIGNING_KEYS["MODEL_SIGNING_PUBLIC_KEY"] = base64.b64encode(key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)).decode()
+    return _SIGNING_KEYS
+
+
 def build_registry(workdir: Path, names: list[str], versions: int) -> str:
     """A SQLite registry in workdir holding, under each name, versions 1..`versions`: the
     trainer's own export (TorchScript inside the models-from-code pyfunc) of an untrained
@@ -532,6 +551,7 @@ def build_registry(workdir: Path, names: list[str], versions: int) -> str:
     import torch
     from mlflow import MlflowClient
 
+    import model_signatures
     from trainer import architectures, data, export, synthetic
 
     torch.set_num_threads(1)
@@ -543,17 +563,16 @@ def build_registry(workdir: Path, names: list[str], versions: int) -> str:
     split = data.Split(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)))
     # log_model and model-version sources resolve through MLflow's global tracking URI.
     mlflow.set_tracking_uri(uri)
-    sources = []
-    for v in range(versions):
-        torch.manual_seed(v)
-        net = architectures.build("small-cnn").eval()
-        with mlflow.start_run(experiment_id=experiment) as run:
-            info = export.log_served_model(net, split, "small-cnn")
-        sources.append((info.model_uri, run.info.run_id))
+    key = model_signatures.private_key_from_env(signing_keys())
     for name in names:
         client.create_registered_model(name)
-        for source, run_id in sources:
-            client.create_model_version(name, source=source, run_id=run_id)
+        # Each version is signed for the name it is registered under, as the trainer does.
+        for v in range(versions):
+            torch.manual_seed(v)
+            net = architectures.build("small-cnn").eval()
+            with mlflow.start_run(experiment_id=experiment) as run:
+                source = export.log_served_model(net, split, "small-cnn", name, key)
+            client.create_model_version(name, source=source, run_id=run.info.run_id)
         client.set_registered_model_alias(name, "production", "1")
     return uri
 
@@ -561,7 +580,8 @@ def build_registry(workdir: Path, names: list[str], versions: int) -> str:
 def _server_env(tracking_uri: str, **extra) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "SERVING_", "ALIAS_"))}
     env.update(PATH=f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHONPATH=str(ROOT),
-               MLFLOW_TRACKING_URI=tracking_uri, PYTHONUNBUFFERED="1", **extra)
+               MLFLOW_TRACKING_URI=tracking_uri, PYTHONUNBUFFERED="1",
+               MODEL_SIGNING_PUBLIC_KEY=signing_keys()["MODEL_SIGNING_PUBLIC_KEY"], **extra)
     return env
 
 

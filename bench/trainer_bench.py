@@ -42,6 +42,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import signing_keys  # noqa: E402 - needs the path above
+
 TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000
 BATCH_SIZE, LR = 64, 1e-3
 LOG_EVERY_BATCHES = 100  # the quickstart's logging interval
@@ -387,7 +389,8 @@ def main():
     server, url = start_server(workdir)
     log(f"mlflow server up at {url}")
     env = {**os.environ, "MLFLOW_TRACKING_URI": url, "PYTHONPATH": str(ROOT), "TRAINER_NO_DOWNLOAD": "1",
-           "EXPERIMENT_NAME": "bench-trainer", "MODEL_NAME": "bench-fashion-mnist"}
+           "EXPERIMENT_NAME": "bench-trainer", "MODEL_NAME": "bench-fashion-mnist",
+           "MODEL_SIGNING_KEY": signing_keys()["MODEL_SIGNING_KEY"]}
     same_as_quickstart = ["--arch", "quickstart", "--batch-size", str(BATCH_SIZE), "--optimizer", "sgd",
                           "--lr", str(LR), "--lr-schedule", "constant", "--epochs", str(args.epochs),
                           "--seed", "0"]

@@ -1,7 +1,8 @@
 """Settings of the serving container, read once from the environment and validated.
 
-Only the standard library is imported here: the entry point validates the environment
-before gunicorn, MLflow or torch are loaded, so a typo fails in a second with one line.
+Only the standard library (and cryptography, to read the public key) is imported here:
+the entry point validates the environment before gunicorn, MLflow or torch are loaded, so
+a typo fails in a second with one line.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass
+
+import model_signatures
 
 MIB = 1024 * 1024
 
@@ -26,6 +29,8 @@ class ConfigError(ValueError):
 class Settings:
     tracking_uri: str
     model_name: str
+    # Versions are loaded only when their signature verifies with this key (MODEL_SIGNING_PUBLIC_KEY).
+    public_key: model_signatures.PublicKey
     model_alias: str = "production"
     poll_seconds: float = 5.0
     workers: int = 2
@@ -95,9 +100,15 @@ def from_env(env=None) -> Settings:
     if not os.path.isabs(cache_dir):
         raise ConfigError(f"SERVING_CACHE_DIR={cache_dir!r} is not valid: expected an absolute path")
 
+    try:
+        public_key = model_signatures.public_key_from_env(env)
+    except model_signatures.KeyProblem as e:
+        raise ConfigError(str(e)) from None
+
     return Settings(
         tracking_uri=tracking_uri,
         model_name=model_name,
+        public_key=public_key,
         model_alias=alias,
         poll_seconds=_number(env, "ALIAS_POLL_SECONDS", 5.0, float, 0.1, 3600.0, " seconds"),
         workers=_number(env, "SERVING_WORKERS", 2, int, 1, 64),

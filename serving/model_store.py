@@ -1,8 +1,13 @@
-"""One registered model version: find it, download it into the cache, load it.
+"""One registered model version: find it, download it into the cache, verify it, load it.
 
 Several gunicorn workers share one cache directory and may fetch the same version at the
 same moment, so each download lands in a private directory that is renamed into place:
 a version directory either does not exist or is complete.
+
+Nothing is loaded that was not verified first, from the cache as well as fresh: the model
+directory must carry a signature made with the trainer's key over exactly its files, a
+provenance record naming the version the registry resolved, and the trainer's loader
+(model_signatures). MLflow's loader runs the model's code, so it runs only after that.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -18,6 +24,8 @@ from dataclasses import dataclass, field
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import scoring_server
+
+import model_signatures
 
 log = logging.getLogger("serving")
 
@@ -41,6 +49,7 @@ class VersionRef:
     version: str
     run_id: str | None = None
     created_ms: int = 0
+    model_id: str | None = None  # the logged model the version was registered from
 
     @property
     def cache_key(self) -> str:
@@ -84,6 +93,7 @@ def resolve_alias(registry, name: str, alias: str) -> VersionRef:
         version=str(mv.version),
         run_id=mv.run_id or None,
         created_ms=int(mv.creation_timestamp or 0),
+        model_id=model_signatures.logged_model_id(mv),
     )
 
 
@@ -100,10 +110,11 @@ def input_tensor_spec(pyfunc):
 class ModelStore:
     """Downloads versions into SERVING_CACHE_DIR/<model>/<version>-<created> and loads them."""
 
-    def __init__(self, cache_dir: str, tracking_uri: str, registry):
+    def __init__(self, cache_dir: str, tracking_uri: str, registry, public_key):
         self.cache_dir = cache_dir
         self.tracking_uri = tracking_uri
         self.registry = registry
+        self.public_key = public_key
 
     def _model_dir(self, name: str) -> str:
         return os.path.join(self.cache_dir, re.sub(r"[^\w.\-]", "_", name))
@@ -140,7 +151,21 @@ class ModelStore:
             shutil.rmtree(partial, ignore_errors=True)
         return final
 
+    def verify(self, ref: VersionRef, path: str) -> None:
+        """Raise model_signatures.Refused unless the files at path may be loaded for ref."""
+        expected = model_signatures.Provenance(registered_model=ref.name, run_id=ref.run_id,
+                                               model_id=ref.model_id)
+        try:
+            model_signatures.verify(path, self.public_key, expected)
+        except model_signatures.Refused:
+            # Dropped from the cache, so that a retry downloads it again (e.g. after `make sign`).
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+
     def load(self, ref: VersionRef, path: str) -> LoadedModel:
+        """Load a verified version. Its code runs here, and must leave its directory as
+        signed: no bytecode cache is written beside it."""
+        sys.dont_write_bytecode = True
         pyfunc = mlflow.pyfunc.load_model(path)
         return LoadedModel(
             ref=ref,

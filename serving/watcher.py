@@ -4,6 +4,9 @@ prepares a new version beside the served one, and swaps only a model that answer
 The swap is one attribute assignment. A request reads `watcher.current` once and scores
 with that object to the end, so requests in flight finish on the old version and new ones
 start on the new version; nothing is ever unloaded under a request.
+
+What /status shows (waiting_for, last_error) is in our own words: anyone who can reach
+the port reads it, so exception text, URIs and paths go to the log only.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+import model_signatures
 from serving.config import Settings, safe_uri
 
 log = logging.getLogger("serving")
@@ -28,6 +32,8 @@ MAX_REGISTRY_RETRY_SECONDS = 30.0
 STARTUP_RETRY_SECONDS = 2.0
 # The same waiting or registry message is repeated in the log at most this often.
 REPEAT_LOG_SECONDS = 60.0
+# What each step of preparing a version is called in /status.
+STEP_WORDS = {"download": "downloading", "verify": "verifying", "load": "loading", "check": "checking"}
 
 
 def version_retry_delay(poll: float, failures: int) -> float:
@@ -73,7 +79,7 @@ class AliasWatcher:
         self.settings = settings
         self.current = None  # LoadedModel being served; replaced whole, never mutated
         self.alias_version: str | None = None
-        self.waiting_for = f"waiting for {settings.model_uri}: not checked yet"
+        self.waiting_for = f"waiting for {self._wanted()}: not checked yet"
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.polls = 0  # finished polls, so that callers can wait for "one more look"
@@ -87,6 +93,9 @@ class AliasWatcher:
         self.torch_threads: int | None = None  # as torch reports it once limited
         self._wait_log = _RepeatLimiter()
         self._error_log = _RepeatLimiter()
+
+    def _wanted(self) -> str:
+        return f"{self.settings.model_name}@{self.settings.model_alias}"
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -146,7 +155,8 @@ class AliasWatcher:
             from serving.model_store import ModelStore
 
             self._store = ModelStore(
-                self.settings.cache_dir, self.settings.tracking_uri, self._registry
+                self.settings.cache_dir, self.settings.tracking_uri, self._registry,
+                self.settings.public_key,
             )
         return self._registry, self._store
 
@@ -174,17 +184,15 @@ class AliasWatcher:
             # first model should be served within seconds of the server answering.
             delay = (min(poll, STARTUP_RETRY_SECONDS) if self.current is None
                      else registry_retry_delay(poll, self._registry_errors))
-            message = (
-                f"cannot read {s.model_uri} from the tracking server at "
-                f"{safe_uri(s.tracking_uri)}: {type(e).__name__}: {_one_line(e)}"
-            )
+            message = "cannot read the alias from the tracking server (the serving log says why)"
             self._set_error(message)
             self._error_log.log(
                 logging.WARNING,
-                f"{message}; {self._serving_words()}; retrying in {delay:.3g}s",
+                f"cannot read {s.model_uri} from the tracking server at {safe_uri(s.tracking_uri)}: "
+                f"{type(e).__name__}: {_one_line(e)}; {self._serving_words()}; retrying in {delay:.3g}s",
             )
             if self.current is None:
-                self.waiting_for = f"waiting for {s.model_uri}: {message}"
+                self.waiting_for = f"waiting for {self._wanted()}: {message}"
             return delay
 
         if self._registry_errors:
@@ -215,7 +223,7 @@ class AliasWatcher:
         s = self.settings
         self.alias_version = None
         if self.current is None:
-            self.waiting_for = f"waiting for {s.model_uri}: {reason}"
+            self.waiting_for = f"waiting for {self._wanted()}: no version holds the alias yet"
             self._set_error(None)
             self._wait_log.log(
                 logging.INFO,
@@ -223,7 +231,7 @@ class AliasWatcher:
                 f"checking every {s.poll_seconds:g}s",
             )
         else:
-            message = f"{s.model_uri} no longer resolves ({reason})"
+            message = f"{self._wanted()}: no version holds the alias any more"
             self._set_error(message)
             self._wait_log.log(
                 logging.WARNING, f"{message}; still serving version {self.current.ref.version}"
@@ -245,6 +253,8 @@ class AliasWatcher:
         step = "download"
         try:
             path = store.fetch(target)
+            step = "verify"
+            store.verify(target, path)  # before MLflow reads it: loading runs the model's code
             step = "load"
             candidate = store.load(target, path)
             step = "check"
@@ -260,19 +270,26 @@ class AliasWatcher:
         except Exception as e:
             count = (failure.count if failure else 0) + 1
             delay = version_retry_delay(s.poll_seconds, count)
-            message = f"version {target.version}: {step} failed: {type(e).__name__}: {_one_line(e)}"
+            if isinstance(e, model_signatures.Refused):
+                message = f"version {target.version} refused: {e.reason}"
+                detail = e.detail
+            else:
+                message = (f"version {target.version}: {STEP_WORDS[step]} it failed "
+                           "(the serving log says why)")
+                detail = f"{type(e).__name__}: {_one_line(e)}"
             self._failures = {target.cache_key: _Failure(count, time.monotonic() + delay, message)}
             self._set_error(message)
             if self.current is None:
-                self.waiting_for = f"waiting for a version of {s.model_uri} that works: {message}"
+                self.waiting_for = f"waiting for a version of {self._wanted()} that works: {message}"
             log.warning(
-                "%s not switched to (attempt %d): %s; %s; retrying in %.3gs",
+                "%s not switched to (attempt %d): %s [%s]; %s; retrying in %.3gs",
                 s.model_uri,
                 count,
                 message,
+                detail,
                 self._serving_words(),
                 delay,
-                exc_info=step != "check",
+                exc_info=step not in ("verify", "check"),
             )
             return
 

@@ -12,6 +12,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import model_signatures
+
 ARCHITECTURES = ("small-cnn", "quickstart")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
@@ -55,6 +57,8 @@ class Config:
     connect_timeout: float
     outage_timeout: float
     resume_from: str | None
+    # From MODEL_SIGNING_KEY only (never a flag, which `ps` would show); None without tracking.
+    signing_key: model_signatures.PrivateKey | None = None
 
 
 # Each checker turns text into a value or raises ConfigError with the accepted range,
@@ -250,7 +254,8 @@ def build_parser(environ):
         "the promotion policy. Every flag defaults to the environment variable shown.",
         epilog="The last three lines printed are 'run: URL', 'version: N' and "
         "'promoted: yes|no (reason)'. Exit status: 0 done, 1 failed, 2 bad configuration, "
-        "130/143 stopped by SIGINT/SIGTERM after saving a checkpoint.",
+        "130/143 stopped by SIGINT/SIGTERM after saving a checkpoint. The logged model is "
+        "signed with MODEL_SIGNING_KEY (a base64 PEM from 'make env'); tracked runs need it.",
     )
     for option in OPTIONS:
         current = environ.get(option.env, option.default) if option.env else option.default
@@ -285,6 +290,12 @@ def parse(argv=None, environ=None):
     values["tracking"] = not values.pop("no_tracking")
     if values["resume_from"] and not values["tracking"]:
         raise ConfigError("--resume-from needs tracking: it reads the checkpoint from MLflow")
+    if values["tracking"]:
+        # Every logged model is signed; a run that could not sign its model is not started.
+        try:
+            values["signing_key"] = model_signatures.private_key_from_env(environ)
+        except model_signatures.KeyProblem as error:
+            raise ConfigError(str(error)) from None
     return Config(**values)
 
 

@@ -4,6 +4,10 @@ The trained network is wrapped with its input standardisation and a softmax, scr
 and frozen (batch norm folds into the convolutions), checked against the network it came
 from, and logged with served_model.py as its code, a signature, a few real test images
 as the input example, and pip requirements pinned to what is installed here.
+
+The model directory is written here, signed here (model_signatures: provenance.json and
+model.sig over every file), and only then uploaded, so the signature covers exactly the
+files this process wrote (model_signatures.log_signed_model).
 """
 
 import copy
@@ -18,6 +22,7 @@ import torch
 from mlflow.models import infer_signature
 from torch import nn
 
+import model_signatures
 from trainer import data
 
 SERVED_MODEL_CODE = Path(__file__).with_name("served_model.py")
@@ -59,8 +64,8 @@ def example_images(test_split):
     return (test_split.images[:EXAMPLE_IMAGES].unsqueeze(1).float() / 255.0).cpu().numpy()
 
 
-def log_served_model(model, test_split, arch):
-    """Log the served model to the active run; return MLflow's ModelInfo."""
+def log_served_model(model, test_split, arch, registered_model, key):
+    """Log the served model, signed for registered_model, to the active run; return its URI."""
     scripted = to_torchscript(model)
     example = example_images(test_split)
     with torch.inference_mode():
@@ -75,14 +80,19 @@ def log_served_model(model, test_split, arch):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
             torch.jit.save(scripted, str(weights))
-        return mlflow.pyfunc.log_model(
-            name=ARTIFACT_PATH,
-            python_model=str(SERVED_MODEL_CODE),
-            artifacts={"torchscript": str(weights)},
-            signature=infer_signature(example, probabilities),
-            input_example=example,
-            pip_requirements=pip_requirements(),
-            metadata={"classes": list(data.CLASSES), "architecture": arch,
-                      "input": "float32 [N, 1, 28, 28], pixel intensities in [0, 1]",
-                      "output": "float32 [N, 10], softmax probabilities in class order"},
-        )
+
+        def save(path, mlflow_model):
+            mlflow.pyfunc.save_model(
+                path,
+                mlflow_model=mlflow_model,
+                python_model=str(SERVED_MODEL_CODE),
+                artifacts={"torchscript": str(weights)},
+                signature=infer_signature(example, probabilities),
+                input_example=example,
+                pip_requirements=pip_requirements(),
+                metadata={"classes": list(data.CLASSES), "architecture": arch,
+                          "input": "float32 [N, 1, 28, 28], pixel intensities in [0, 1]",
+                          "output": "float32 [N, 10], softmax probabilities in class order"},
+            )
+
+        return model_signatures.log_signed_model(save, ARTIFACT_PATH, registered_model, key)

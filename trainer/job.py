@@ -130,7 +130,7 @@ def run_untracked(conf, device, train_split, test_split):
 
 
 def params_of(conf, device, model, train_split, test_split):
-    params = {key: value for key, value in vars(conf).items() if key not in ("tracking", "tracking_uri")}
+    params = {key: value for key, value in vars(conf).items() if key not in ("tracking", "tracking_uri", "signing_key")}
     params.update(
         data_dir=str(conf.data_dir),
         device=str(device),
@@ -163,8 +163,9 @@ def publish(model, evaluation, test_split, conf, run_id, dataset_sha256):
     tracked(conf, "logging the confusion matrix", mlflow.log_figure, figure, "confusion_matrix.png")
     tracked(conf, "logging the per-class table", mlflow.log_table, report.per_class_table(confusion, data.CLASSES),
          artifact_file="per_class_accuracy.json")
-    model_info = tracked(conf, "logging the model", export.log_served_model, model, test_split, conf.arch)
-    version = tracked(conf, "registering the model", registry.register, model_info.model_uri, conf.model_name, run_id, {
+    model_uri = tracked(conf, "logging the model", export.log_served_model, model, test_split, conf.arch,
+                        conf.model_name, conf.signing_key)
+    version = tracked(conf, "registering the model", registry.register, model_uri, conf.model_name, run_id, {
         "eval_accuracy": f"{evaluation['accuracy']:.6f}",
         "eval_loss": f"{evaluation['loss']:.6f}",
         "eval_samples": len(test_split),

@@ -1,8 +1,10 @@
-"""python -m trainer.models: list registered versions, promote one, roll back the alias.
+"""python -m trainer.models: list registered versions, promote one, roll back the alias,
+sign a version logged before models were signed.
 
     python -m trainer.models list
     python -m trainer.models promote VERSION
     python -m trainer.models rollback
+    python -m trainer.models sign VERSION      (needs MODEL_SIGNING_KEY)
 
 The tracking server, model name and alias come from the same flags and environment
 variables as training (MLFLOW_TRACKING_URI, MODEL_NAME, MODEL_ALIAS). Unknown versions and
@@ -12,10 +14,14 @@ an empty rollback history exit with status 2 and one line on stderr.
 import argparse
 import os
 import sys
+import tempfile
 from datetime import datetime, timezone
+from pathlib import Path
 
+import mlflow
 from mlflow.tracking import MlflowClient
 
+import model_signatures
 from trainer import config as cfg, registry, tracking
 
 EXIT_FAILED = 1
@@ -40,6 +46,9 @@ def parse(argv, environ):
     promote.add_argument("version", metavar="VERSION", help="version number to promote")
     add_common(promote)
     add_common(commands.add_parser("rollback", help="give the alias back to its previous holder"))
+    sign = commands.add_parser("sign", help="sign VERSION as it is stored now (you vouch for its files)")
+    sign.add_argument("version", metavar="VERSION", help="version number to sign")
+    add_common(sign)
     args = parser.parse_args(argv)
 
     values = {}
@@ -53,10 +62,15 @@ def parse(argv, environ):
             values[option.dest] = option.check(given)
         except cfg.ConfigError as error:
             raise cfg.ConfigError(f"{source} must be {error}, got {given!r}") from None
-    if args.command == "promote":
+    if args.command in ("promote", "sign"):
         if not args.version.isdigit() or int(args.version) < 1:
             raise cfg.ConfigError(f"VERSION must be a version number such as 3, got {args.version!r}")
         values["version"] = str(int(args.version))
+    if args.command == "sign":
+        try:
+            values["signing_key"] = model_signatures.private_key_from_env(environ)
+        except model_signatures.KeyProblem as error:
+            raise cfg.ConfigError(str(error)) from None
     values["command"] = args.command
     return argparse.Namespace(**values)
 
@@ -88,6 +102,28 @@ def list_versions(name, alias):
         print(f"(no version holds @{alias})")
 
 
+def sign_version(name, version, key):
+    """Sign the files a version holds now, for that version; upload the signature beside them."""
+    client = MlflowClient()
+    target = registry.get_version(client, name, version)
+    model_id = model_signatures.logged_model_id(target)
+    if not model_id:
+        raise registry.RegistryError(f"version {version} is not stored as a logged model, so it cannot be "
+                                     "signed in place; train it again")
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(
+            artifact_uri=client.get_model_version_download_uri(name, version), dst_path=tmp))
+        try:
+            # Only the loader this stack writes: signing anything else would let its code run.
+            model_signatures.check_loader(local)
+        except model_signatures.Refused as refused:
+            raise registry.RegistryError(f"version {version} not signed: {refused.reason} ({refused.detail})") from None
+        model_signatures.sign(local, key, model_signatures.Provenance(
+            registered_model=name, run_id=target.run_id or None, model_id=model_id))
+        for file_name in (model_signatures.PROVENANCE_FILE, model_signatures.SIGNATURE_FILE):
+            client.log_model_artifact(model_id, str(local / file_name))
+
+
 def main(argv=None, environ=None):
     environ = os.environ if environ is None else environ
     try:
@@ -104,6 +140,9 @@ def main(argv=None, environ=None):
             previous = registry.promote(args.model_name, args.model_alias, args.version)
             was = f"was version {previous}" if previous else "was unset"
             print(f"{args.model_name}@{args.model_alias} -> version {args.version} ({was})")
+        elif args.command == "sign":
+            sign_version(args.model_name, args.version, args.signing_key)
+            print(f"{args.model_name} version {args.version} signed")
         else:
             left, target = registry.rollback(args.model_name, args.model_alias)
             was = f"rolled back from version {left}" if left else "alias was unset"

@@ -1,4 +1,5 @@
-"""A throwaway MLflow registry (sqlite + local artifacts) holding stand-in model versions."""
+"""A throwaway MLflow registry (sqlite + local artifacts) holding stand-in model versions,
+signed the way the trainer signs its models, and versions that serving must refuse."""
 
 import contextlib
 import os
@@ -16,15 +17,27 @@ for path in (str(HERE.parents[2]), str(HERE)):
     if path not in sys.path:
         sys.path.insert(0, path)
 
+import model_signatures  # noqa: E402 - needs the path above
+from refused_models import REFUSED_KINDS  # noqa: E402 - this folder, on the path above
+from signing_keys import signing_key_pair  # noqa: E402 - tests/signing_keys.py
+
+STANDIN_CODE = str(HERE / "standin_model.py")
 
 class StandInRegistry:
-    """Logged once per session; each test registers its own model name so that alias
-    moves in one test never reach another."""
+    """Each test registers its own model name, so that alias moves in one test never reach
+    another. Every version is a logged model of its own, signed for the name it is
+    registered under, as the trainer does it."""
 
-    def __init__(self, tracking_uri, client, sources):
+    def __init__(self, tracking_uri, client, runs, configs, keys, other_key, marker):
         self.tracking_uri = tracking_uri
         self.client = client
-        self.sources = sources  # kind -> (model source URI, run id)
+        self.runs = runs  # kind -> run id
+        self.configs = configs  # kind -> (model_config, input example)
+        self.keys = keys  # the stack's pair, as environment variables
+        self.public_key = model_signatures.public_key_from_env(keys)
+        self._private_key = model_signatures.private_key_from_env(keys)
+        self._other_key = other_key
+        self.marker = marker  # written by the code of any refused version that runs
 
     def new_model(self, *kinds):
         """Register a fresh model whose versions 1, 2, ... are the given kinds."""
@@ -34,15 +47,72 @@ class StandInRegistry:
             self.add_version(name, kind)
         return name
 
+    def run_id(self, kind):
+        return self.runs[kind]
+
     def add_version(self, name, kind):
-        source, run_id = self.sources[kind]
         # The registry looks the logged model (models:/m-...) up through MLflow's global
         # tracking URI, whatever the client was given.
         with _global_tracking_uri(self.tracking_uri):
-            return self.client.create_model_version(name, source=source, run_id=run_id)
+            source = self._log(name, kind)
+            return self.client.create_model_version(name, source=source, run_id=self.runs[kind])
 
     def point(self, name, version, alias="production"):
         self.client.set_registered_model_alias(name, alias, str(version))
+
+    def _log(self, name, kind):
+        import mlflow
+
+        run_id = self.runs[kind]
+        if kind == "unsigned":
+            with mlflow.start_run(run_id=run_id):
+                return mlflow.pyfunc.log_model(name="model", python_model=STANDIN_CODE,
+                                               model_config={"marker": str(self.marker)},
+                                               pip_requirements=[]).model_uri
+        key = {"other-key": self._other_key}.get(kind, self._private_key)
+        signed_for = "someone-else" if kind == "other-model" else name
+        uri = model_signatures.log_signed_model(self._saver(kind), "model", signed_for, key, run_id=run_id)
+        if kind == "altered-code":
+            # What a writer of the artifact store could do after registration.
+            evil = self.marker.parent / "altered" / Path(STANDIN_CODE).name
+            evil.parent.mkdir(exist_ok=True)
+            evil.write_text(f"from pathlib import Path\nPath({str(self.marker)!r}).write_text('ran')\n"
+                            + Path(STANDIN_CODE).read_text())
+            self.client.log_model_artifact(uri.removeprefix("models:/"), str(evil))
+        return uri
+
+    def _saver(self, kind):
+        import mlflow
+        import refused_models
+
+        def save(path, mlflow_model):
+            if kind == "pickled":
+                mlflow.pyfunc.save_model(path, mlflow_model=mlflow_model,
+                                         python_model=refused_models.Pickled(str(self.marker)),
+                                         pip_requirements=[])
+            elif kind == "other-loader":
+                data = self.marker.parent / "marker-path.txt"
+                data.write_text(str(self.marker))
+                mlflow.pyfunc.save_model(path, mlflow_model=mlflow_model, loader_module="refused_models",
+                                         data_path=str(data), pip_requirements=[])
+            else:
+                model_config, example = self.configs[kind]
+                mlflow.pyfunc.save_model(path, mlflow_model=mlflow_model, python_model=STANDIN_CODE,
+                                         model_config=model_config, signature=_signature(),
+                                         input_example=example, pip_requirements=[],
+                                         metadata={"classes": [f"class-{i}" for i in range(10)]})
+
+        return save
+
+
+def _signature():
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, 28, 28))]),
+        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]),
+    )
 
 
 @contextlib.contextmanager
@@ -60,42 +130,22 @@ def _global_tracking_uri(uri):
 @pytest.fixture(scope="session")
 def registry(tmp_path_factory):
     import mlflow
-    from mlflow.models import ModelSignature
-    from mlflow.types import Schema, TensorSpec
 
     root = tmp_path_factory.mktemp("registry")
     uri = f"sqlite:///{root}/mlflow.db"
     client = mlflow.MlflowClient(uri)
     experiment = client.create_experiment("stand-in", artifact_location=(root / "artifacts").as_uri())
-    signature = ModelSignature(
-        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, 28, 28))]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]),
-    )
     example = np.zeros((1, 1, 28, 28), dtype=np.float32)
-    kinds = {
+    configs = {
         "good-a": ({"seed": 1}, example),
         "good-b": ({"seed": 2}, example),
         "no-example": ({"seed": 3}, None),  # validated with a zero image of the signature
         "broken-predict": ({"fail": "predict"}, None),
         "broken-load": ({"fail": "load"}, None),
         "batch-coupled": ({"seed": 4, "couple": True}, example),
+        # Code that would write the marker, if it ever ran.
+        **{kind: ({"seed": 5, "marker": str(root / "marker")}, example) for kind in REFUSED_KINDS},
     }
-    sources = {}
-    # Logging goes through MLflow's global tracking URI (which also sets the environment
-    # variable); it is put back as soon as the models are logged, so that no other test
-    # and no subprocess sees this registry by accident.
-    with _global_tracking_uri(uri):
-        for kind, (model_config, input_example) in kinds.items():
-            with mlflow.start_run(experiment_id=experiment) as run:
-                info = mlflow.pyfunc.log_model(
-                    name="model",
-                    python_model=str(HERE / "standin_model.py"),
-                    model_config=model_config,
-                    signature=signature,
-                    input_example=input_example,
-                    pip_requirements=[],
-                    metadata={"classes": [f"class-{i}" for i in range(10)]},
-                )
-            sources[kind] = (info.model_uri, run.info.run_id)
-    return StandInRegistry(uri, client, sources)
-
+    runs = {kind: client.create_run(experiment).info.run_id for kind in configs}
+    return StandInRegistry(uri, client, runs, configs, signing_key_pair(),
+                           model_signatures.private_key_from_env(signing_key_pair()), root / "marker")

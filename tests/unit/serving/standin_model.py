@@ -1,8 +1,11 @@
 """A stand-in for the trainer's model, with the same contract: float32 [-1, 1, 28, 28] in
 [0, 1] in, float32 [-1, 10] softmax probabilities out, non-finite input refused with
 INVALID_PARAMETER_VALUE. Logged as "models from code"; `model_config` picks the weights
-(`seed`), a way to break (`fail`: "load" or "predict"), or makes rows depend on each
-other (`couple`: normalises over the batch, so requests must not be stacked)."""
+(`seed`), a way to break (`fail`: "load" or "predict"), makes rows depend on each
+other (`couple`: normalises over the batch, so requests must not be stacked), or writes
+a marker file when it loads (`marker`: a path), to show that a refused version never ran."""
+
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -14,6 +17,8 @@ class StandInClassifier(mlflow.pyfunc.PythonModel):
         config = context.model_config or {}
         self.fail = config.get("fail")
         self.couple = bool(config.get("couple"))
+        if config.get("marker"):
+            Path(config["marker"]).write_text("the code of a refused model ran\n")
         if self.fail == "load":
             raise RuntimeError("stand-in refuses to load")
         rng = np.random.default_rng(int(config.get("seed", 0)))

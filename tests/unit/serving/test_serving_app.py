@@ -3,6 +3,7 @@ without failing a request, refusing broken versions, and answering bad input wit
 
 import asyncio
 import json
+import logging
 import threading
 import time
 
@@ -26,6 +27,7 @@ def make_app(registry, tmp_path):
         settings = config.Settings(
             tracking_uri=registry.tracking_uri,
             model_name=name,
+            public_key=registry.public_key,
             poll_seconds=POLL,
             cache_dir=str(tmp_path / "cache"),
             **overrides,
@@ -38,6 +40,15 @@ def make_app(registry, tmp_path):
     yield make
     for app in apps:
         app.stop()
+
+
+@pytest.fixture
+def serving_log(caplog):
+    """What serving logs (its logger does not propagate to pytest's)."""
+    logger = logging.getLogger("serving")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
 
 
 def status(app):
@@ -60,14 +71,14 @@ def test_waits_for_alias_then_serves_it(registry, make_app):
 
         waiting = await post_json(app, ONE_IMAGE_BODY)
         assert waiting.status == 503
-        assert f"models:/{name}@production" in waiting.json()["message"]
+        assert f"waiting for {name}@production" in waiting.json()["message"]
         assert "retry-after" in waiting.headers
         assert waiting.headers["x-model-name"] == name
 
         st = (await call(app, "GET", "/status")).json()
         assert st["state"] == "waiting"
         assert st["version"] is None
-        assert f"models:/{name}@production" in st["waiting_for"]
+        assert st["waiting_for"] == f"waiting for {name}@production: no version holds the alias yet"
         assert st["poll_interval_seconds"] == POLL
 
         registry.point(name, 1)
@@ -83,7 +94,7 @@ def test_waits_for_alias_then_serves_it(registry, make_app):
 
         st = (await call(app, "GET", "/status")).json()
         assert st["state"] == "serving"
-        assert st["run_id"] == registry.sources["good-a"][1]
+        assert st["run_id"] == registry.run_id("good-a")
         assert st["loaded_at"] and st["last_error"] is None
         assert (await call(app, "GET", "/ping")).json() == {"state": "serving"}
 
@@ -146,11 +157,11 @@ def test_alias_move_swaps_without_failing_a_request(registry, make_app):
 @pytest.mark.parametrize(
     "kind, step, reason",
     [
-        ("broken-predict", "check failed", "stand-in cannot predict"),
-        ("broken-load", "load failed", "stand-in refuses to load"),
+        ("broken-predict", "checking it failed", "stand-in cannot predict"),
+        ("broken-load", "loading it failed", "stand-in refuses to load"),
     ],
 )
-def test_broken_version_is_not_switched_to(registry, make_app, kind, step, reason):
+def test_broken_version_is_not_switched_to(registry, make_app, kind, step, reason, serving_log):
     name = registry.new_model("good-a", kind)
     registry.point(name, 1)
     app = make_app(name)
@@ -162,8 +173,10 @@ def test_broken_version_is_not_switched_to(registry, make_app, kind, step, reaso
     )
     assert st["version"] == "1" and st["state"] == "serving"
     assert st["alias_version"] == "2"
-    assert "version 2" in st["last_error"] and step in st["last_error"]
-    assert reason in st["last_error"]
+    assert st["last_error"] == f"version 2: {step} (the serving log says why)"
+    # The exception's own words go to the log only: /status is for anyone.
+    assert reason not in json.dumps(st)
+    wait_until(lambda: reason in serving_log.text, what="the reason in the log")
 
     answer = asyncio.run(post_json(app, ONE_IMAGE_BODY))
     assert answer.status == 200 and answer.version == "1"
@@ -223,7 +236,7 @@ def test_tracking_server_down_keeps_serving(registry, make_app):
 
     flaky.down = True
     st = wait_until(lambda: (s := status(app))["last_error"] and s, what="error reported")
-    assert "cannot read" in st["last_error"] and "Connection refused" in st["last_error"]
+    assert st["last_error"] == "cannot read the alias from the tracking server (the serving log says why)"
     answer = asyncio.run(post_json(app, ONE_IMAGE_BODY))
     assert answer.status == 200 and answer.version == "1"
 
@@ -240,6 +253,7 @@ def served(registry, tmp_path_factory):
     settings = config.Settings(
         tracking_uri=registry.tracking_uri,
         model_name=name,
+        public_key=registry.public_key,
         poll_seconds=POLL,
         cache_dir=str(tmp_path_factory.mktemp("cache")),
     )
@@ -440,7 +454,8 @@ def test_watcher_keeps_cache_consistent_for_concurrent_workers(registry, tmp_pat
     name = registry.new_model("good-a")
     registry.point(name, 1)
     ref = resolve_alias(registry.client, name, "production")
-    stores = [ModelStore(str(tmp_path), registry.tracking_uri, registry.client) for _ in range(2)]
+    stores = [ModelStore(str(tmp_path), registry.tracking_uri, registry.client, registry.public_key)
+              for _ in range(2)]
     paths, errors = [], []
     barrier = threading.Barrier(2)
 
@@ -460,3 +475,4 @@ def test_watcher_keeps_cache_consistent_for_concurrent_workers(registry, tmp_pat
     model_dir = tmp_path / paths[0].split("/")[-2]
     assert [p.name for p in model_dir.iterdir()] == [paths[0].split("/")[-1]]
     assert (model_dir / paths[0].split("/")[-1] / "MLmodel").is_file()
+    stores[0].verify(ref, paths[0])  # complete: every signed file is there, nothing else

@@ -1,10 +1,15 @@
 """Serving settings: defaults, and a one-line error for each value that cannot work."""
 
+import base64
+
 import pytest
+from signing_keys import signing_key_pair
 
 from serving import config
 
-REQUIRED = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "MODEL_NAME": "fashion-mnist-cnn"}
+KEYS = signing_key_pair()
+REQUIRED = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "MODEL_NAME": "fashion-mnist-cnn",
+            "MODEL_SIGNING_PUBLIC_KEY": KEYS["MODEL_SIGNING_PUBLIC_KEY"]}
 
 
 def test_defaults():
@@ -57,6 +62,10 @@ def test_values_are_read():
         ("SERVING_TORCH_THREADS", "0"),
         ("SERVING_CONTAINER_PORT", "70000"),
         ("SERVING_BATCH_MAX_ROWS", "0"),
+        ("MODEL_SIGNING_PUBLIC_KEY", ""),
+        ("MODEL_SIGNING_PUBLIC_KEY", "not base64!"),
+        ("MODEL_SIGNING_PUBLIC_KEY", base64.b64encode(b"-----BEGIN PUBLIC KEY-----\nAAAA\n").decode()),
+        ("MODEL_SIGNING_PUBLIC_KEY", KEYS["MODEL_SIGNING_KEY"]),  # the private half
     ],
 )
 def test_nonsense_is_one_line_naming_the_setting(name, value):

@@ -35,6 +35,7 @@ def server(registry, tmp_path):
         "PYTHONPATH": str(ROOT),
         "MLFLOW_TRACKING_URI": registry.tracking_uri,
         "MODEL_NAME": name,
+        "MODEL_SIGNING_PUBLIC_KEY": registry.keys["MODEL_SIGNING_PUBLIC_KEY"],
         "ALIAS_POLL_SECONDS": "0.5",
         "SERVING_WORKERS": "2",
         "SERVING_CONTAINER_PORT": str(port),
@@ -82,7 +83,7 @@ def test_container_process_waits_serves_follows_and_stops(registry, server):
     wait_until(lambda: healthy(env), timeout=60, interval=0.2, what="healthcheck to pass")
     waiting = requests.post(invocations, data=ONE_IMAGE_BODY, headers=JSON, timeout=10)
     assert waiting.status_code == 503
-    assert f"models:/{name}@production" in waiting.json()["message"]
+    assert f"waiting for {name}@production" in waiting.json()["message"]
     wait_until(
         lambda: f"waiting for models:/{name}@production" in log_path.read_text(),
         timeout=30, what="waiting message in the log",
@@ -139,17 +140,24 @@ def test_container_process_waits_serves_follows_and_stops(registry, server):
     assert "Traceback" not in log, log[-3000:]
 
 
-def test_nonsense_settings_fail_at_start_with_one_line(tmp_path):
+@pytest.mark.parametrize("setting, value, line", [
+    ("SERVING_WORKERS", "many", "serving: SERVING_WORKERS='many' is not valid: expected an integer from 1 to 64"),
+    ("MODEL_SIGNING_PUBLIC_KEY", "", "serving: MODEL_SIGNING_PUBLIC_KEY is not set; run 'make env' "
+                                     "(it writes the model signing key pair)"),
+    ("MODEL_SIGNING_PUBLIC_KEY", "private", "serving: MODEL_SIGNING_PUBLIC_KEY is not valid: "
+                                            "expected a PEM public key as one base64 line"),
+])
+def test_nonsense_settings_fail_at_start_with_one_line(registry, setting, value, line):
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONPATH": str(ROOT),
         "MLFLOW_TRACKING_URI": "http://mlflow:5000",
         "MODEL_NAME": "fashion",
-        "SERVING_WORKERS": "many",
+        "MODEL_SIGNING_PUBLIC_KEY": registry.keys["MODEL_SIGNING_PUBLIC_KEY"],
     }
+    # The private half where the public one belongs is refused too: serving must not hold it.
+    env[setting] = registry.keys["MODEL_SIGNING_KEY"] if value == "private" else value
     run = subprocess.run(["sh", str(ENTRYPOINT)], env=env, capture_output=True, text=True, timeout=30)
     assert run.returncode == 2
-    assert run.stderr.strip().splitlines() == [
-        "serving: SERVING_WORKERS='many' is not valid: expected an integer from 1 to 64"
-    ]
+    assert run.stderr.strip().splitlines() == [line]

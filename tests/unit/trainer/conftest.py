@@ -4,6 +4,7 @@ Everything runs in-process against a SQLite store in a temp dir (the model regis
 needs a database store), so the suite needs no server, no Docker and no network.
 """
 
+import os
 import re
 import shutil
 import sys
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 import mlflow
 import pytest
 import torch
+from signing_keys import signing_key_pair
 
 from trainer import synthetic
 from trainer.__main__ import main
@@ -23,6 +25,21 @@ torch.set_num_threads(1)
 TRAIN_IMAGES, TEST_IMAGES = 512, 256
 # Small and quick, yet enough steps that each epoch logs several train metrics.
 FAST = ("--epochs", "1", "--batch-size", "64", "--log-every", "2")
+
+
+# The trainer signs every model it logs; tracked runs refuse to start without a key.
+SIGNING_ENV = signing_key_pair()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def signing_key():
+    saved = os.environ.get("MODEL_SIGNING_KEY")
+    os.environ["MODEL_SIGNING_KEY"] = SIGNING_ENV["MODEL_SIGNING_KEY"]
+    yield SIGNING_ENV
+    if saved is None:
+        os.environ.pop("MODEL_SIGNING_KEY")
+    else:
+        os.environ["MODEL_SIGNING_KEY"] = saved
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import SIGNING_ENV
 
 from trainer import config
 
@@ -17,7 +18,7 @@ def run_cli(*args, env=None, cwd=ROOT):
 
 
 def test_defaults_match_the_documented_contract():
-    conf = config.parse([], environ={})
+    conf = config.parse([], environ={"MODEL_SIGNING_KEY": SIGNING_ENV["MODEL_SIGNING_KEY"]})
     assert (conf.epochs, conf.batch_size, conf.lr, conf.optimizer, conf.seed) == (10, 128, 0.001, "adamw", 42)
     assert (conf.arch, conf.device, conf.data_dir) == ("small-cnn", "auto", Path("./data"))
     assert (conf.experiment_name, conf.model_name, conf.model_alias) == ("fashion-mnist", "fashion-mnist-cnn", "production")
@@ -75,6 +76,32 @@ def test_bad_value_exits_2_with_one_line_and_creates_no_run(tmp_path):
     assert result.stderr.strip().splitlines() == [
         "python -m trainer: error: --epochs (from TRAINER_EPOCHS) must be an integer from 1 to 10000, got '0'"]
     assert not db.exists() and not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.parametrize("value, expected", [
+    (None, "MODEL_SIGNING_KEY is not set; run 'make env' (it writes the model signing key pair)"),
+    ("", "MODEL_SIGNING_KEY is not set; run 'make env' (it writes the model signing key pair)"),
+    ("pem?", "MODEL_SIGNING_KEY is not valid: expected a PEM key as one base64 line"),
+    (SIGNING_ENV["MODEL_SIGNING_PUBLIC_KEY"],
+     "MODEL_SIGNING_KEY is not valid: expected an unencrypted PEM private key as one base64 line"),
+])
+def test_tracked_run_without_a_usable_signing_key_exits_2_and_creates_nothing(tmp_path, value, expected):
+    db = tmp_path / "mlflow.db"
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{db}"}
+    if value is not None:
+        env["MODEL_SIGNING_KEY"] = value
+    result = run_cli("--data-dir", str(tmp_path), env=env, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"python -m trainer: error: {expected}"]
+    assert not db.exists() and not (tmp_path / "mlruns").exists()
+
+
+def test_untracked_run_needs_no_signing_key():
+    conf = config.parse(["--no-tracking"], environ={})
+    assert conf.signing_key is None
+    # The key never shows, wherever a Config is printed.
+    keyed = config.parse([], environ={"MODEL_SIGNING_KEY": SIGNING_ENV["MODEL_SIGNING_KEY"]})
+    assert SIGNING_ENV["MODEL_SIGNING_KEY"][:40] not in repr(keyed) and "BEGIN" not in repr(keyed)
 
 
 def test_unknown_flag_is_one_line_and_status_2():

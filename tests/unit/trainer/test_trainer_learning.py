@@ -4,6 +4,7 @@ import io
 
 import pytest
 import torch
+from conftest import SIGNING_ENV
 from torchvision.datasets import FashionMNIST
 
 from trainer import checkpoints, config, data, job, loop, synthetic
@@ -28,7 +29,7 @@ class Recorder:
 
 
 def conf_of(*args):
-    return config.parse(["--device", "cpu", *args], environ={})
+    return config.parse(["--device", "cpu", *args], environ={"MODEL_SIGNING_KEY": SIGNING_ENV["MODEL_SIGNING_KEY"]})
 
 
 @pytest.fixture(scope="module")

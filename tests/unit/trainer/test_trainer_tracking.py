@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 import mlflow
 import numpy as np
@@ -13,7 +14,8 @@ import pytest
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from trainer import config, data
+import model_signatures
+from trainer import config, data, models
 
 ROOT = Path(__file__).resolve().parents[3]
 EPOCHS, BATCH, LOG_EVERY = 2, 64, 2
@@ -109,6 +111,71 @@ def test_artifacts_summary_confusion_matrix_table_and_checkpoints(client, first)
     assert "total parameters" in summary and "BatchNorm2d" in summary
 
 
+def version_files(client, version, tmp_path):
+    """A copy of the version's files, as serving downloads them."""
+    return Path(mlflow.artifacts.download_artifacts(
+        artifact_uri=client.get_model_version_download_uri("fashion-mnist-cnn", version),
+        dst_path=str(tmp_path / f"v{version}-{len(list(tmp_path.iterdir()))}")))
+
+
+def verify(client, version, public, tmp_path):
+    mv = client.get_model_version("fashion-mnist-cnn", version)
+    expected = model_signatures.Provenance(registered_model="fashion-mnist-cnn", run_id=mv.run_id,
+                                           model_id=model_signatures.logged_model_id(mv))
+    try:
+        model_signatures.verify(version_files(client, version, tmp_path), public, expected)
+    except model_signatures.Refused as refused:
+        pytest.fail(f"version {version} refused: {refused.reason} ({refused.detail})")
+
+
+# Before the tests below load the model in place: with a local artifact store, that leaves
+# files (a bytecode cache, registered_model_meta) in the store that the signature does not cover.
+def test_logged_model_is_signed_for_its_version(client, first, signing_key, tmp_path):
+    verify(client, "1", model_signatures.public_key_from_env(signing_key), tmp_path)
+    provenance = json.loads((version_files(client, "1", tmp_path) / "provenance.json").read_text())
+    assert provenance["run_id"] == first["result"].run_id
+
+
+def test_sign_command_signs_a_version_logged_without_a_signature(client, first, signing_key, capsys, tmp_path):
+    """What `make sign VERSION=1` does for a version from a release that did not sign."""
+    public = model_signatures.public_key_from_env(signing_key)
+    model_id = model_signatures.logged_model_id(client.get_model_version("fashion-mnist-cnn", "1"))
+    stored = Path(urlparse(client.get_logged_model(model_id).artifact_location).path)
+    for name in ("model.sig", "provenance.json"):
+        (stored / name).unlink()
+    with pytest.raises(pytest.fail.Exception, match="refused: it is not signed"):
+        verify(client, "1", public, tmp_path)
+
+    assert models.main(["sign", "1"]) == 0
+    assert capsys.readouterr().out.strip() == "fashion-mnist-cnn version 1 signed"
+    verify(client, "1", public, tmp_path)
+
+
+def test_sign_command_refuses_a_loader_other_than_the_trainers(client, first, capsys, tmp_path):
+    class Pickled(mlflow.pyfunc.PythonModel):
+        def predict(self, context, model_input, params=None):
+            return model_input
+
+    with mlflow.start_run():
+        logged = mlflow.pyfunc.log_model(name="model", python_model=Pickled(), pip_requirements=[])
+    client.create_registered_model("pickled")
+    version = client.create_model_version("pickled", logged.model_uri).version
+    capsys.readouterr()
+    assert models.main(["sign", str(version), "--model-name", "pickled"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"version {version} not signed: it holds a pickled Python model" in err[0]
+    files = mlflow.artifacts.download_artifacts(artifact_uri=client.get_model_version_download_uri("pickled", version),
+                                                dst_path=str(tmp_path / "pickled"))
+    assert not (Path(files) / "model.sig").exists()
+
+
+def test_sign_command_needs_the_private_key(client, first, monkeypatch, capsys):
+    monkeypatch.delenv("MODEL_SIGNING_KEY")
+    assert models.main(["sign", "1"]) == 2
+    assert capsys.readouterr().err.strip() == ("python -m trainer.models: error: MODEL_SIGNING_KEY is not set; "
+                                               "run 'make env' (it writes the model signing key pair)")
+
+
 def test_model_has_signature_example_metadata_and_pinned_requirements(client, first):
     info = mlflow.models.get_model_info("models:/fashion-mnist-cnn/1")
     (inputs,), (outputs,) = info.signature.inputs.inputs, info.signature.outputs.inputs
@@ -199,3 +266,4 @@ def test_resume_continues_from_the_last_checkpoint_in_a_new_run(client, train, f
     assert [m.step for m in client.get_metric_history(result.run_id, "eval_accuracy")] == [3 * STEPS_PER_EPOCH]
     assert [a.path for a in client.list_artifacts(result.run_id, "checkpoints")] == [
         "checkpoints/epoch-003-step-000000024.pt"]
+

@@ -1,0 +1,102 @@
+"""Serving loads only versions the trainer signed: anything else is refused before its code
+can run, the old version keeps serving, and /status says why in plain words."""
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+import pytest
+from refused_models import REFUSED_KINDS
+from serving_helpers import ONE_IMAGE_BODY, post_json, wait_until
+
+from serving import config
+from serving.app import ServingApp
+
+POLL = 0.2
+
+
+def start(registry, name, cache_dir):
+    app = ServingApp(config.Settings(tracking_uri=registry.tracking_uri, model_name=name,
+                                     public_key=registry.public_key, poll_seconds=POLL,
+                                     cache_dir=str(cache_dir)))
+    app.start()
+    return app
+
+
+@pytest.fixture
+def apps():
+    started = []
+    yield started
+    for app in started:
+        app.stop()
+
+
+def test_signed_version_is_served(registry, apps, tmp_path):
+    name = registry.new_model("good-a")
+    registry.point(name, 1)
+    apps.append(app := start(registry, name, tmp_path / "cache"))
+    wait_until(lambda: app.watcher.status()["version"] == "1", what="version 1 served")
+    assert app.watcher.status()["last_error"] is None
+    # What was verified is what was loaded: the signature and provenance sit beside it.
+    served = Path(app.watcher.current.path)
+    assert {"MLmodel", "model.sig", "provenance.json"} <= set(os.listdir(served))
+    assert json.loads((served / "provenance.json").read_text())["registered_model"] == name
+
+
+@pytest.mark.parametrize("kind", sorted(REFUSED_KINDS))
+def test_version_not_signed_by_the_trainer_is_refused_and_never_runs(registry, apps, tmp_path, kind):
+    name = registry.new_model("good-a", kind)
+    registry.point(name, 1)
+    apps.append(app := start(registry, name, tmp_path / "cache"))
+    wait_until(lambda: app.watcher.status()["version"] == "1", what="version 1 served")
+
+    registry.point(name, 2)
+    st = wait_until(lambda: (s := app.watcher.status())["failed_attempts"] >= 1 and s, what="refusal")
+    assert st["version"] == "1" and st["alias_version"] == "2"
+    assert st["last_error"] == f"version 2 refused: {REFUSED_KINDS[kind]}"
+    answer = asyncio.run(post_json(app, ONE_IMAGE_BODY))
+    assert answer.status == 200 and answer.version == "1"
+    # Its code never ran: not at load, not at unpickling, not as a loader module.
+    assert not registry.marker.exists()
+    # And it is not kept: a retry (e.g. after `make sign`) downloads it afresh.
+    cached = [p for p in os.listdir(tmp_path / "cache" / name) if p.startswith("v2-")]
+    assert cached == []
+
+
+def test_cached_version_is_verified_again(registry, apps, tmp_path):
+    """A worker that restarts finds versions in the cache; they are verified like downloads."""
+    cache = tmp_path / "cache"
+    name = registry.new_model("good-a")
+    registry.point(name, 1)
+    first = start(registry, name, cache)
+    wait_until(lambda: first.watcher.status()["version"] == "1", what="version 1 served")
+    path = Path(first.watcher.current.path)
+    first.stop()
+
+    # The cached code is changed to write the marker, as an intruder in the cache would.
+    code = path / "standin_model.py"
+    code.write_text(f"open({str(registry.marker)!r}, 'w').write('ran')\n" + code.read_text())
+    apps.append(second := start(registry, name, cache))
+    st = wait_until(lambda: (s := second.watcher.status())["failed_attempts"] >= 1 and s, what="refusal")
+    assert st["state"] == "waiting"
+    assert st["last_error"] == "version 1 refused: its files differ from the files that were signed"
+    assert str(path) not in json.dumps(st)
+    assert not registry.marker.exists()
+    # The altered copy was dropped; the retry downloads the signed files and serves them.
+    wait_until(lambda: second.watcher.status()["version"] == "1", timeout=30, what="version 1 served again")
+    assert not registry.marker.exists()
+
+
+def test_status_shows_no_internal_error_text(registry, apps, tmp_path):
+    name = registry.new_model("good-a", "altered-code")
+    registry.point(name, 2)
+    apps.append(app := start(registry, name, tmp_path / "cache"))
+    st = wait_until(lambda: (s := app.watcher.status())["failed_attempts"] >= 1 and s, what="refusal")
+    assert st["waiting_for"] == (f"waiting for a version of {name}@production that works: "
+                                 "version 2 refused: its files differ from the files that were signed")
+    # Anyone who reaches the port reads /status: no path, no URI, no library message.
+    shown = json.dumps({k: v for k, v in st.items() if k != "model_uri"})
+    assert "/" not in shown
+    for word in ("Traceback", "Error", "Exception", "sha256", "mismatch"):
+        assert word not in shown
