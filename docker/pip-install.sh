@@ -12,4 +12,6 @@ if [ -s "$extra" ]; then
   cat /etc/ssl/certs/ca-certificates.crt "$extra" >"$tmp/ca.pem"
   export PIP_CERT="$tmp/ca.pem"
 fi
-exec pip install --disable-pip-version-check --no-input -c /opt/requirements/constraints.txt "$@"
+# PIP_INSTALL_CONSTRAINTS replaces the pin list for one install (see the mlflow stage).
+exec pip install --disable-pip-version-check --no-input \
+  -c "${PIP_INSTALL_CONSTRAINTS:-/opt/requirements/constraints.txt}" "$@"
