@@ -55,6 +55,18 @@ def auth_db() -> str:
     return optional("MLFLOW_AUTH_DB", "mlflow_auth")
 
 
+def oidc_db() -> str:
+    """The single sign-on plugin's users, groups, grants and tokens (AUTH_MODE=oidc)."""
+    return optional("MLFLOW_OIDC_DB", "mlflow_oidc")
+
+
+def auth_mode() -> str:
+    mode = optional("AUTH_MODE", "basic")
+    if mode not in ("basic", "oidc"):
+        raise ConfigError(f"AUTH_MODE must be basic or oidc, not {mode!r}")
+    return mode
+
+
 def bucket() -> str:
     return required("S3_BUCKET")
 

@@ -1,4 +1,5 @@
-"""Start the tracking server: databases first, then MLflow's own server with basic auth.
+"""Start the tracking server: databases first, then MLflow's own server with basic auth, or
+with single sign-on through the mlflow-oidc-auth plugin when AUTH_MODE=oidc.
 
 Order matters: the tracking schema is upgraded before any request is served, so a newer
 image keeps the data an older one wrote; the auth database must exist before the auth app
@@ -67,6 +68,30 @@ def write_auth_config() -> str:
     return path
 
 
+def prepare_oidc() -> None:
+    """The plugin reads its settings from the environment (OIDC_* from compose.oidc.yaml).
+    Its database is migrated here, once, before the server's workers start."""
+    for name in ("OIDC_DISCOVERY_URL", "OIDC_CLIENT_ID", "OIDC_CLIENT_SECRET", "OIDC_REDIRECT_URI"):
+        if not os.environ.get(name):
+            raise settings.ConfigError(f"{name} is not set; AUTH_MODE=oidc needs compose.oidc.yaml "
+                                       "in COMPOSE_FILE and the OIDC_* settings in .env (README: Single sign-on)")
+    ensure_database(settings.oidc_db())
+    uri = settings.postgres_uri(settings.oidc_db())
+    os.environ["OIDC_USERS_DB_URI"] = uri
+    # The plugin signs its session cookies with this key; the stack already keeps one secret
+    # for exactly that purpose.
+    os.environ["SECRET_KEY"] = os.environ["MLFLOW_FLASK_SERVER_SECRET_KEY"]
+    import sqlalchemy
+    from mlflow_oidc_auth.db import utils as oidc_db
+
+    settings.log("upgrading the single sign-on schema (no-op when current)")
+    engine = sqlalchemy.create_engine(uri)
+    try:
+        oidc_db.migrate_if_needed(engine, "head")
+    finally:
+        engine.dispose()
+
+
 def allowed_hosts(port: str) -> str:
     # Service-name access from the other containers, loopback from the host, plus every
     # public name the team uses. Private address ranges are deliberately not allowed by
@@ -79,14 +104,19 @@ def allowed_hosts(port: str) -> str:
 
 def main() -> None:
     settings.required("MLFLOW_FLASK_SERVER_SECRET_KEY")
-    os.environ["MLFLOW_AUTH_ADMIN_USERNAME"] = settings.required("MLFLOW_ADMIN_USERNAME")
-    os.environ["MLFLOW_AUTH_ADMIN_PASSWORD"] = settings.required("MLFLOW_ADMIN_PASSWORD")
+    mode = settings.auth_mode()
+    if mode == "basic":
+        os.environ["MLFLOW_AUTH_ADMIN_USERNAME"] = settings.required("MLFLOW_ADMIN_USERNAME")
+        os.environ["MLFLOW_AUTH_ADMIN_PASSWORD"] = settings.required("MLFLOW_ADMIN_PASSWORD")
     settings.required("AWS_ACCESS_KEY_ID")
     settings.required("AWS_SECRET_ACCESS_KEY")
     port = settings.optional("MLFLOW_CONTAINER_PORT", "5000")
 
     wait_for_postgres()
-    ensure_database(settings.auth_db())
+    if mode == "basic":
+        ensure_database(settings.auth_db())
+    else:
+        prepare_oidc()
     settings.log("upgrading the tracking schema (no-op when current)")
     tracking_uri = settings.postgres_uri(settings.tracking_db())
     # The URI holds a password, so it never goes on a command line (ps, logs): the upgrade
@@ -96,7 +126,8 @@ def main() -> None:
 
     mlflow.db.upgrade.callback(tracking_uri)
     os.environ["MLFLOW_BACKEND_STORE_URI"] = tracking_uri
-    os.environ["MLFLOW_AUTH_CONFIG_PATH"] = write_auth_config()
+    if mode == "basic":
+        os.environ["MLFLOW_AUTH_CONFIG_PATH"] = write_auth_config()
 
     # MLflow's background job runner serves GenAI features (scorers, trace rollups) that
     # this stack does not use; it costs two processes polling the database.
@@ -104,7 +135,7 @@ def main() -> None:
     origins = settings.optional("MLFLOW_CORS_ORIGINS", "")
     args = [
         "mlflow", "server",
-        "--app-name", "basic-auth",
+        "--app-name", "basic-auth" if mode == "basic" else "oidc-auth",
         "--serve-artifacts",
         "--artifacts-destination", f"s3://{settings.bucket()}/artifacts",
         "--host", "0.0.0.0",
@@ -117,7 +148,7 @@ def main() -> None:
     # The server's worker processes import auth_guard from beside this script.
     here = os.path.dirname(os.path.abspath(__file__))
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
-    settings.log(f"starting the tracking server on port {port}")
+    settings.log(f"starting the tracking server on port {port} ({mode} auth)")
     os.execvp(args[0], args)
 
 
