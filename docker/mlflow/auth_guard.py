@@ -14,11 +14,17 @@ anything, and some inputs break them:
 
 Only the request line, the headers and JSON bodies are looked at; artifact uploads and
 other non-JSON bodies pass untouched.
+
+It also keeps resource creation to MLflow admins and the accounts in MLFLOW_CREATORS (the
+trainer): MLflow 3.17 lets every authenticated user create experiments and registered models
+unless workspaces are on, and with workspaces on its UI opens no run or model link until a
+workspace is picked.
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 from flask import Response, g, request
 from mlflow.exceptions import MlflowException
@@ -35,6 +41,9 @@ _SINGLE_VALUED = frozenset({
     "trace_id", "username", "workspace",
 })
 _METHODS_WITH_JSON_BODIES = frozenset({"POST", "PATCH", "DELETE"})
+_CREATE_PATHS = frozenset(f"/{prefix}/2.0/mlflow/{what}/create" for prefix in ("api", "ajax-api")
+                          for what in ("experiments", "registered-models"))
+_CREATORS = frozenset(filter(None, (n.strip() for n in os.environ.get("MLFLOW_CREATORS", "").split(","))))
 
 
 def authenticate_request():
@@ -45,6 +54,9 @@ def authenticate_request():
     result = auth.authenticate_request_basic_auth()
     if isinstance(result, Response):
         return result  # unauthenticated clients learn nothing about their bodies
+    if request.method == "POST" and request.path.rstrip("/") in _CREATE_PATHS and not _may_create(credentials.username):
+        return _error(403, "PERMISSION_DENIED", "Only admins and the trainer account create experiments and "
+                      "registered models here; ask an admin to create it or to grant you one.")
     # MLflow calls this several times per request; the body is looked at once.
     if not g.get("auth_guard_body_checked"):
         g.auth_guard_body_checked = True
@@ -52,6 +64,19 @@ def authenticate_request():
         if refusal is not None:
             return refusal
     return result
+
+
+def _may_create(username: str) -> bool:
+    if username in _CREATORS:
+        return True
+    try:
+        return bool(auth.store.get_user(username).is_admin)
+    except Exception:  # noqa: BLE001 - an unknown user creates nothing
+        return False
+
+
+def _error(status: int, code: str, message: str) -> Response:
+    return Response(json.dumps({"error_code": code, "message": message}), status=status, mimetype="application/json")
 
 
 def _body_refusal() -> Response | None:

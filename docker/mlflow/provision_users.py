@@ -49,7 +49,6 @@ def ensure_grant(auth, username: str, resource_type: str, resource_id: str, perm
 
 
 WORKSPACE = "default"
-CREATORS = ("stack-creators", [("workspace", "*", "USE")])
 MODEL_READERS = ("stack-model-readers", [("run", "*", "DENY"), ("trace", "*", "DENY")])
 
 
@@ -116,7 +115,6 @@ def main() -> None:
     ]
     for grant in grants:
         ensure_grant(auth, *grant)
-    ensure_role(auth, *CREATORS, members=[trainer])
     ensure_role(auth, *MODEL_READERS, members=[serving])
     settings.log(f"users ready: {trainer} (edit its experiment {experiment_id} and model {model_name}, "
                  f"may create), {serving} (read model {model_name}, no runs)")

@@ -90,6 +90,8 @@ def main() -> None:
     # than left to MLflow's default, so an upgrade cannot turn it off unnoticed.
     os.environ["MLFLOW_SERVER_ENABLE_GRAPHQL_AUTH"] = "true"
     # Read by body_limit.py in every worker: bodies above it get 413 before they are read.
+    # Read by auth_guard: who besides MLflow admins may create experiments and models.
+    os.environ["MLFLOW_CREATORS"] = settings.optional("TRAINER_USERNAME", "trainer")
     os.environ["MLFLOW_MAX_BODY_BYTES"] = str(settings.size_in_bytes("MLFLOW_MAX_BODY_SIZE", "512m"))
     origins = settings.optional("MLFLOW_CORS_ORIGINS", "")
     args = [
@@ -101,10 +103,6 @@ def main() -> None:
         "--host", "0.0.0.0",
         "--port", port,
         "--workers", settings.optional("MLFLOW_WORKERS", "2"),
-        # Workspaces are how MLflow limits who may create experiments and models: only
-        # members of a workspace can (provision_users.py makes the trainer one). Everything
-        # lives in the default workspace; older data is served from where it always was.
-        "--enable-workspaces",
         "--allowed-hosts", allowed_hosts(port),
     ]
     if origins:

@@ -309,8 +309,9 @@ def test_mlflow_client_works_over_tls(stack: Stack, trained, admin_client: Mlflo
     their MLflow login, and artifact transfers through the server rather than straight from
     S3, which only the tracking server can reach."""
     monkeypatch.setenv("MLFLOW_TRACKING_SERVER_CERT_PATH", str(tls_proxy.cert))
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", stack.credentials("serving")[0])
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", stack.credentials("serving")[1])
+    # A teammate who works on the experiment (serving's account may not read runs).
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", stack.credentials("trainer")[0])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", stack.credentials("trainer")[1])
     monkeypatch.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD", "false")
     monkeypatch.setenv("MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD", "false")
     expected = holder(stack, admin_client)

@@ -69,3 +69,20 @@ def test_bad_credentials_are_answered_before_the_body_is_looked_at():
     answer, _ = guard(DEEP, mlflow_says=refusal)
     assert answer is refusal
 
+
+
+@pytest.mark.parametrize("path", ["/api/2.0/mlflow/experiments/create", "/ajax-api/2.0/mlflow/registered-models/create"])
+def test_only_admins_and_the_trainer_create(path, monkeypatch):
+    monkeypatch.setattr(auth_guard, "_CREATORS", frozenset({"trainer"}))
+    user = mock.Mock(is_admin=False)
+    for name, allowed in (("trainer", True), ("teammate", False)):
+        login = Authorization("basic", {"username": name, "password": "secret"})
+        with mock.patch.object(auth_guard.auth, "authenticate_request_basic_auth", return_value=login), \
+                mock.patch.object(auth_guard.auth, "store", mock.Mock(get_user=mock.Mock(return_value=user))):
+            token = base64.b64encode(f"{name}:secret".encode()).decode()
+            with Flask(__name__).test_request_context(path, method="POST", json={"name": "x"},
+                                                      headers={"Authorization": "Basic " + token}):
+                answer = auth_guard.authenticate_request()
+        assert (answer is login) == allowed, name
+        if not allowed:
+            assert answer.status_code == 403
