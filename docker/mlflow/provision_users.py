@@ -2,11 +2,10 @@
 
 The trainer and serving containers never hold admin credentials. Each gets its own user
 with the least it needs; nobody reads anything without a grant (default_permission is
-NO_PERMISSIONS) and only workspace members may create experiments and registered models:
+NO_PERMISSIONS) and only admins and the trainer may create experiments and registered
+models (auth_guard.py):
 
-  trainer   EDIT on its experiment and registered model; member of the default workspace
-            (role stack-creators), the only way MLflow lets a non-admin create, which also
-            lets it read what the workspace holds
+  trainer   EDIT on its experiment and registered model
   serving   READ on its registered model and on the experiment its files live in, and DENY
             on every run and trace (role stack-model-readers): the model, nothing else
 
