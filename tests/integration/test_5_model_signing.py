@@ -98,7 +98,8 @@ def test_unsigned_version_set_by_the_admin_is_refused_and_its_code_never_runs(
     code = tmp_path / "unsigned_model.py"
     code.write_text(UNSIGNED_CODE)
     mlflow.set_tracking_uri(stack.mlflow_url)  # the registry resolves models:/m-... through it
-    experiment = admin_client.create_experiment(f"unsigned-{tmp_path.name}")
+    # Logged where the served model's files live, the one experiment serving may read from.
+    experiment = admin_client.get_experiment_by_name(stack.env["EXPERIMENT_NAME"]).experiment_id
     with mlflow.start_run(experiment_id=experiment) as run:
         logged = mlflow.pyfunc.log_model(name="model", python_model=str(code), pip_requirements=[])
     unsigned = admin_client.create_model_version(name, logged.model_uri, run_id=run.info.run_id).version
@@ -132,7 +133,9 @@ def test_weights_overwritten_with_the_trainers_account_are_refused_after_a_resta
             forged = tmp_path / "model.pt"
             forged.write_bytes(b"not the weights the trainer signed")
             # Through the artifact proxy, as the trainer account may: no S3 key involved.
-            trainer.log_model_artifact(version.model_id, str(forged), artifact_path="artifacts")
+            # The registry names the logged model as the version's source (models:/<id>).
+            model_id = version.model_id or version.source.removeprefix("models:/")
+            trainer.log_model_artifact(model_id, str(forged), artifact_path="artifacts")
 
         # Serving's cache is a tmpfs: after a restart it downloads the version again.
         stack.compose("restart", "serving")
