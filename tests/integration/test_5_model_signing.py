@@ -102,7 +102,8 @@ def test_unsigned_version_set_by_the_admin_is_refused_and_its_code_never_runs(
     experiment = admin_client.get_experiment_by_name(stack.env["EXPERIMENT_NAME"]).experiment_id
     with mlflow.start_run(experiment_id=experiment) as run:
         logged = mlflow.pyfunc.log_model(name="model", python_model=str(code), pip_requirements=[])
-    unsigned = admin_client.create_model_version(name, logged.model_uri, run_id=run.info.run_id).version
+    unsigned = admin_client.create_model_version(name, logged.model_uri, run_id=run.info.run_id,
+                                                 model_id=logged.model_id).version
     admin_client.set_registered_model_alias(name, alias, unsigned)
     try:
         status = refusal(stack, unsigned)
