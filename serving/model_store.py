@@ -1,8 +1,9 @@
 """One registered model version: find it, download it into the cache, verify it, load it.
 
 Several gunicorn workers share one cache directory and may fetch the same version at the
-same moment, so each download lands in a private directory that is renamed into place:
-a version directory either does not exist or is complete.
+same moment, so each download lands in a private directory that is verified there and only
+then renamed into place: a version directory either does not exist or is complete and
+verified, and no worker ever reads a copy another worker is refusing.
 
 Nothing is loaded that was not verified first, from the cache as well as fresh: the model
 directory must carry a signature made with the trainer's key over exactly its files, a
@@ -120,7 +121,8 @@ class ModelStore:
         return os.path.join(self.cache_dir, re.sub(r"[^\w.\-]", "_", name))
 
     def fetch(self, ref: VersionRef) -> str:
-        """Local directory of the version, downloading it unless another worker already has."""
+        """Local directory of the version: the cached one if another worker already verified
+        it, else a private download that verify() puts in the cache."""
         base = self._model_dir(ref.name)
         final = os.path.join(base, ref.cache_key)
         if os.path.isdir(final):
@@ -141,26 +143,51 @@ class ModelStore:
             )
             if not os.path.isfile(os.path.join(local, "MLmodel")):
                 raise RuntimeError(f"no MLmodel file in what {source} holds")
-            try:
-                os.rename(local, final)
-            except OSError:
-                if not os.path.isdir(final):
-                    raise
-                # Another worker finished the same version first; its copy is as good.
-        finally:
+        except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
-        return final
+            raise
+        return local
 
-    def verify(self, ref: VersionRef, path: str) -> None:
-        """Raise model_signatures.Refused unless the files at path may be loaded for ref."""
+    def verify(self, ref: VersionRef, path: str) -> str:
+        """The cached directory of ref once the files at path are verified for it; raises
+        model_signatures.Refused otherwise, and the refused copy is dropped so that a retry
+        downloads it again (e.g. after `make sign`)."""
         expected = model_signatures.Provenance(registered_model=ref.name, run_id=ref.run_id,
                                                model_id=ref.model_id)
+        final = os.path.join(self._model_dir(ref.name), ref.cache_key)
+        private = path != final
         try:
             model_signatures.verify(path, self.public_key, expected)
         except model_signatures.Refused:
-            # Dropped from the cache, so that a retry downloads it again (e.g. after `make sign`).
-            shutil.rmtree(path, ignore_errors=True)
+            self._drop(path if private else self._set_aside(final))
             raise
+        if not private:
+            return final
+        try:
+            os.rename(path, final)
+        except OSError:
+            if not os.path.isdir(final):
+                raise
+            # Another worker verified the same version first; its copy is as good.
+        finally:
+            self._drop(path)
+        return final
+
+    def _set_aside(self, path: str) -> str:
+        """Move a cached copy out of the cache in one step, so no worker starts reading it."""
+        aside = tempfile.mkdtemp(prefix=".partial-refused-", dir=os.path.dirname(path))
+        try:
+            os.rename(path, os.path.join(aside, "copy"))
+        except FileNotFoundError:
+            pass  # another worker set it aside first
+        return aside
+
+    @staticmethod
+    def _drop(path: str) -> None:
+        # A private download lives in .partial-*/<artifact dir>; remove the whole .partial-*.
+        while os.path.basename(os.path.dirname(path)).startswith(".partial-"):
+            path = os.path.dirname(path)
+        shutil.rmtree(path, ignore_errors=True)
 
     def load(self, ref: VersionRef, path: str) -> LoadedModel:
         """Load a verified version. Its code runs here, and must leave its directory as

@@ -254,7 +254,7 @@ class AliasWatcher:
         try:
             path = store.fetch(target)
             step = "verify"
-            store.verify(target, path)  # before MLflow reads it: loading runs the model's code
+            path = store.verify(target, path)  # before MLflow reads it: loading runs the model's code
             step = "load"
             candidate = store.load(target, path)
             step = "check"

@@ -448,7 +448,7 @@ def test_streamed_body_is_cut_at_limit(registry, make_app):
 
 
 def test_watcher_keeps_cache_consistent_for_concurrent_workers(registry, tmp_path):
-    """Two workers fetching the same version at once end with one complete directory."""
+    """Two workers fetching the same version at once end with one complete, verified directory."""
     from serving.model_store import ModelStore, resolve_alias
 
     name = registry.new_model("good-a")
@@ -462,7 +462,7 @@ def test_watcher_keeps_cache_consistent_for_concurrent_workers(registry, tmp_pat
     def fetch(store):
         barrier.wait()
         try:
-            paths.append(store.fetch(ref))
+            paths.append(store.verify(ref, store.fetch(ref)))
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
@@ -475,4 +475,4 @@ def test_watcher_keeps_cache_consistent_for_concurrent_workers(registry, tmp_pat
     model_dir = tmp_path / paths[0].split("/")[-2]
     assert [p.name for p in model_dir.iterdir()] == [paths[0].split("/")[-1]]
     assert (model_dir / paths[0].split("/")[-1] / "MLmodel").is_file()
-    stores[0].verify(ref, paths[0])  # complete: every signed file is there, nothing else
+    assert stores[0].verify(ref, paths[0]) == paths[0]  # complete: every signed file is there, nothing else

@@ -4,6 +4,7 @@ can run, the old version keeps serving, and /status says why in plain words."""
 import asyncio
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -100,3 +101,37 @@ def test_status_shows_no_internal_error_text(registry, apps, tmp_path):
     assert "/" not in shown
     for word in ("Traceback", "Error", "Exception", "sha256", "mismatch"):
         assert word not in shown
+
+
+@pytest.mark.parametrize("kind", ["altered-code", "unsigned"])
+def test_workers_refusing_the_same_version_at_once_give_the_same_reason(registry, tmp_path, kind):
+    """Workers share the cache: one worker's refusal must not change what another sees."""
+    from serving.model_store import ModelStore, resolve_alias
+
+    from model_signatures import Refused
+
+    name = registry.new_model("good-a", kind)
+    registry.point(name, 2)
+    ref = resolve_alias(registry.client, name, "production")
+    stores = [ModelStore(str(tmp_path), registry.tracking_uri, registry.client, registry.public_key)
+              for _ in range(4)]
+    reasons, others = [], []
+    barrier = threading.Barrier(len(stores))
+
+    def prepare(store):
+        barrier.wait()
+        try:
+            store.verify(ref, store.fetch(ref))
+        except Refused as e:
+            reasons.append(e.reason)
+        except Exception as e:  # reported below
+            others.append(e)
+
+    threads = [threading.Thread(target=prepare, args=(s,)) for s in stores]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not others
+    assert reasons == [REFUSED_KINDS[kind]] * len(stores)
+    assert os.listdir(tmp_path / name) == []  # nothing refused is left for the next worker
