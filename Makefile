@@ -22,7 +22,7 @@ ARGS ?=
 export GIT_COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null)
 
 .PHONY: help env up down build offline-images train predict logs ps models promote sign rollback \
-        test test-unit test-integration bench bench-trainer bench-serving bench-switch \
+        test test-unit test-integration lint bench bench-trainer bench-serving bench-switch \
         bench-tracking bench-cold-start bench-load backup restore clean doctor lock
 
 help: ## List the targets
@@ -73,12 +73,17 @@ logs: ## Follow the logs of every service (SERVICE=mlflow for one)
 ps: ## Show the services and their health
 	@$(COMPOSE) ps -a
 
-$(VENV_STAMP): docker/requirements/constraints.txt docker/requirements/*.txt
+$(VENV_STAMP): pyproject.toml docker/requirements/constraints.txt docker/requirements/*.txt
 	@test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	@$(VENV)/bin/pip install -q --disable-pip-version-check -r docker/requirements/test.txt -c docker/requirements/constraints.txt
+	@# The project's own packages, editable: tests and benchmarks import the working tree.
+	@$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e .
 	@touch $@
 
-test: test-unit test-integration ## Run every test (unit, then the whole stack in Docker)
+test: lint test-unit test-integration ## Run every test (lint, unit, then the whole stack in Docker)
+
+lint: $(VENV_STAMP) ## Check the Python code with ruff (configured in pyproject.toml)
+	@$(VENV)/bin/ruff check .
 
 test-unit: $(VENV_STAMP) ## Unit tests: no Docker, seconds
 	@$(VENV)/bin/python -m pytest -q tests/unit
@@ -87,22 +92,22 @@ test-integration: $(VENV_STAMP) ## Integration tests: build the images, bring up
 	@$(VENV)/bin/python -m pytest -q tests/integration
 
 bench-trainer: $(VENV_STAMP) ## Benchmark the trainer against the MLflow quickstart loop
-	@$(VENV)/bin/python bench/trainer_bench.py $(ARGS)
+	@$(VENV)/bin/python -m bench.trainer_bench $(ARGS)
 
 bench-serving: $(VENV_STAMP) ## Benchmark serving against plain mlflow models serve (local, no Docker)
-	@$(VENV)/bin/python bench/serving_bench.py $(ARGS)
+	@$(VENV)/bin/python -m bench.serving_bench $(ARGS)
 
 bench-switch: $(VENV_STAMP) ## Benchmark an alias move: time to the new version, failed requests
-	@$(VENV)/bin/python bench/alias_switch_bench.py $(ARGS)
+	@$(VENV)/bin/python -m bench.alias_switch_bench $(ARGS)
 
 bench-tracking: $(VENV_STAMP) ## Benchmark the tracking server against plain mlflow server (Docker, built images)
-	@$(VENV)/bin/python bench/tracking_bench.py $(ARGS)
+	@$(VENV)/bin/python -m bench.tracking_bench $(ARGS)
 
 bench-cold-start: $(VENV_STAMP) ## Benchmark make up to healthy, and a trained model to first prediction (Docker)
-	@$(VENV)/bin/python bench/cold_start_bench.py $(ARGS)
+	@$(VENV)/bin/python -m bench.cold_start_bench $(ARGS)
 
 bench-load: $(VENV_STAMP) ## Benchmark serving under 1, 10 and 50 clients (a private stack; ARGS="--url ..." for a running one)
-	@$(VENV)/bin/python bench/load_bench.py $(ARGS)
+	@$(VENV)/bin/python -m bench.load_bench $(ARGS)
 
 bench: bench-trainer bench-serving bench-switch bench-tracking bench-cold-start bench-load ## Run every benchmark; results land in bench/results/
 

@@ -33,10 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench import common  # noqa: E402
-from bench.common import fmt, log  # noqa: E402
+from bench import common
+from bench.common import fmt, log
 
 TARGETS = {"first_new_version_s": 10.0, "failed_requests": 0}
 POLLS = (5.0, 1.0)

@@ -39,14 +39,11 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench import common  # noqa: E402
-from bench.common import ROOT, fmt, log  # noqa: E402
+from bench import common
+from bench.common import ROOT, fmt, log
 
 # The env file users get from `make env`, made the way the integration tests make theirs.
-sys.path.append(str(ROOT / "tests" / "integration"))
-from stack import write_env  # noqa: E402
+from tests.integration.stack import write_env
 
 TARGET_UP_S = 30.0
 TRAIN_IMAGES, TEST_IMAGES = 300, 100

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -34,7 +34,7 @@ def log(message: str) -> None:
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def free_port() -> int:
@@ -396,7 +396,7 @@ class LoadResult:
         return out
 
     def summary(self) -> dict:
-        ok_latencies = [l for l, s in zip(self.latencies, self.statuses) if 200 <= s < 300]
+        ok_latencies = [t for t, s in zip(self.latencies, self.statuses) if 200 <= s < 300]
         return {"requests": len(self.statuses) + sum(self.exceptions.values()), "ok": self.ok,
                 "failed": self.failed, "failures": self.failures(), "seconds": round(self.seconds, 3),
                 "requests_per_sec": round(self.ok / self.seconds, 2) if self.seconds > 0 else None,
@@ -600,7 +600,7 @@ def start_ours(workdir: Path, tracking_uri: str, name: str, port: int, cpus: str
     env = _server_env(tracking_uri, MODEL_NAME=name, SERVING_CONTAINER_PORT=str(port),
                       SERVING_BIND_HOST="127.0.0.1", SERVING_CACHE_DIR=str(workdir / f"cache-{port}"),
                       **{k: str(v) for k, v in settings.items()})
-    out = open(workdir / log_name, "wb")
+    out = open(workdir / log_name, "wb")  # noqa: SIM115 - the server writes to it after we return
     # Its own session, so that stopping it stops gunicorn's workers and nothing else.
     return subprocess.Popen(_pinned([sys.executable, "-m", "serving"], cpus), env=env, cwd=ROOT,
                             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -611,7 +611,7 @@ def start_mlflow_serve(workdir: Path, tracking_uri: str, model_uri: str, port: i
     """Plain `mlflow models serve` with its defaults (1 uvicorn worker, torch's own thread
     count); --env-manager local because its default builds a virtualenv from the internet."""
     env = _server_env(tracking_uri)
-    out = open(workdir / log_name, "wb")
+    out = open(workdir / log_name, "wb")  # noqa: SIM115 - the server writes to it after we return
     command = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
                "-p", str(port)]
     return subprocess.Popen(_pinned(command, cpus), env=env, cwd=workdir, stdout=out,

@@ -37,16 +37,15 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-# The integration tests' stack helpers and container memory reader, reused as they are.
-sys.path.append(str(ROOT / "tests" / "integration"))
+from bench import common
+from bench.cold_start_bench import MissingImages, private_env
+from bench.common import fmt, log
 
-from bench import common  # noqa: E402
-from bench.cold_start_bench import MissingImages, private_env  # noqa: E402
-from bench.common import fmt, log  # noqa: E402
-from container_memory import MIB, container_memory  # noqa: E402
-from stack import TEST_IMAGES, TRAIN_IMAGES, Stack  # noqa: E402
+# The integration tests' stack helpers and container memory reader, reused as they are.
+from tests.integration.container_memory import MIB, container_memory
+from tests.integration.stack import TEST_IMAGES, TRAIN_IMAGES, Stack
+
+ROOT = Path(__file__).resolve().parents[1]
 
 WARM_UP_SECONDS = 3.0
 WARM_UP_CONCURRENCY = 10

@@ -33,10 +33,8 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench import common  # noqa: E402
-from bench.common import fmt, log  # noqa: E402
+from bench import common
+from bench.common import fmt, log
 
 TARGETS = {"rps_ratio_1_image": 3.0, "p99_ratio_1_image": 0.5}
 VARIANTS = ("ours", "mlflow")
@@ -128,7 +126,7 @@ def markdown(report) -> str:
         for v in VARIANTS:
             lines.append(row(LABELS[v], f["c10"][v][key]))
         lines.append("")
-    lines += [f"## Latency without queueing (concurrency 1) and the in-process floor", "",
+    lines += ["## Latency without queueing (concurrency 1) and the in-process floor", "",
               "| | p50 ms, 1 image | p50 ms, " + f"{s['batch_images']} images |", "|---|---:|---:|"]
     for v in VARIANTS:
         lines.append(f"| {LABELS[v]} | {fmt(f['c1'][v]['1']['p50_ms'], '.2f')} | "

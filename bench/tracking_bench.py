@@ -38,10 +38,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench import common  # noqa: E402
-from bench.common import fmt, log  # noqa: E402
+from bench import common
+from bench.common import fmt, log
 
 MLFLOW_IMAGE = os.environ.get("BENCH_MLFLOW_IMAGE", "mlops/mlflow:dev")
 POSTGRES_IMAGES = ("mlops-local/postgres:17", "postgres:17-bookworm")
@@ -210,7 +208,8 @@ def main():
     if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
         raise SystemExit("tracking_bench: no Docker engine answers; start one (see README) and retry")
     postgres_image = next((i for i in POSTGRES_IMAGES if image_exists(i)), None)
-    missing = [i for i in (MLFLOW_IMAGE,) if not image_exists(i)] + ([] if postgres_image else [" or ".join(POSTGRES_IMAGES)])
+    missing = [i for i in (MLFLOW_IMAGE,) if not image_exists(i)]
+    missing += [] if postgres_image else [" or ".join(POSTGRES_IMAGES)]
     if missing:
         raise SystemExit(f"tracking_bench: image(s) missing: {', '.join(missing)}; run make build first")
 
@@ -253,7 +252,7 @@ def main():
         # Ours logs in as its own role, as in the stack: db-init's one-shot makes it.
         docker("run", "--rm", "--network", c.network, "--entrypoint", "python",
                "-e", "POSTGRES_USER", "-e", "POSTGRES_PASSWORD", "-e", "POSTGRES_DB",
-               "-e", "MLFLOW_DB_USER", "-e", "MLFLOW_DB_PASSWORD", MLFLOW_IMAGE, "/opt/mlflow/init_database.py",
+               "-e", "MLFLOW_DB_USER", "-e", "MLFLOW_DB_PASSWORD", MLFLOW_IMAGE, "-m", "tracking.init_database",
                env=secret_env)
 
         cpus = f"{args.cpus:g}"
@@ -278,7 +277,7 @@ def main():
                       "--entrypoint", "python", "-e", "MLFLOW_ADMIN_USERNAME", "-e", "MLFLOW_ADMIN_PASSWORD",
                       "-e", "TRAINER_USERNAME", "-e", "TRAINER_PASSWORD", "-e", "SERVING_USERNAME",
                       "-e", "SERVING_PASSWORD", "-e", f"EXPERIMENT_NAME={EXPERIMENT}",
-                      "-e", "MODEL_NAME=bench-model", MLFLOW_IMAGE, "/opt/mlflow/provision_users.py",
+                      "-e", "MODEL_NAME=bench-model", MLFLOW_IMAGE, "-m", "tracking.provision_users",
                       env=secret_env, check=False)
         if init.returncode != 0:
             raise RuntimeError(f"provisioning failed: {init.stderr[-2000:]}")

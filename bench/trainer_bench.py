@@ -36,13 +36,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from bench.common import signing_keys
 
-from bench.common import signing_keys  # noqa: E402 - needs the path above
+ROOT = Path(__file__).resolve().parents[1]
 
 TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000
 BATCH_SIZE, LR = 64, 1e-3
@@ -167,7 +166,7 @@ def start_server(workdir):
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                "--workers", "2", "--backend-store-uri", f"sqlite:///{workdir}/mlflow.db",
                "--artifacts-destination", str(workdir / "artifacts")]
-    server_log = open(workdir / "server.log", "w")
+    server_log = open(workdir / "server.log", "w")  # noqa: SIM115 - the server writes to it after we return
     # Its own session, so stopping it stops its uvicorn workers and nothing else.
     process = subprocess.Popen(command, stdout=server_log, stderr=subprocess.STDOUT, cwd=workdir,
                                start_new_session=True)
@@ -178,7 +177,7 @@ def start_server(workdir):
         tracking.connect(url, timeout_s=120, log=lambda *a, **k: None)
     except tracking.TrackingUnavailable:
         stop_server(process)
-        raise SystemExit(f"mlflow server did not come up; see {workdir / 'server.log'}")
+        raise SystemExit(f"mlflow server did not come up; see {workdir / 'server.log'}") from None
     return process, url
 
 
@@ -272,7 +271,8 @@ def machine():
     with open("/proc/meminfo") as f:
         mem_kb = int(f.readline().split()[1])
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "memory_gib": round(mem_kb / 2**20, 1), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "memory_gib": round(mem_kb / 2**20, 1),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
             "mlflow": mlflow.__version__, "load_average_at_start": os.getloadavg()}
 
@@ -288,7 +288,8 @@ def median_of(samples, key="images_per_sec"):
 def summarise(samples, recipe, conf, info):
     # Best of N for every configuration alike: interference from neighbours only ever
     # slows a run down, so the fastest run is the closest to the machine's own speed.
-    quickstart, trainer, untracked, bound = (best_of(samples[k]) for k in ("quickstart", "trainer", "untracked", "bound"))
+    quickstart, trainer, untracked, bound = (
+        best_of(samples[k]) for k in ("quickstart", "trainer", "untracked", "bound"))
     medians = {f"{k}_median_images_per_sec": median_of(v) for k, v in samples.items()}
     figures = {
         "quickstart_images_per_sec": quickstart,
@@ -312,7 +313,7 @@ def summarise(samples, recipe, conf, info):
         "efficiency": figures["trainer_efficiency"] >= TARGETS["efficiency"],
         "logging_overhead": figures["logging_overhead"] <= TARGETS["logging_overhead"],
     }
-    return {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "machine": info,
+    return {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": info,
             "settings": conf, "targets": TARGETS, "figures": figures, "targets_met": checks,
             "samples": samples, "recipe": recipe}
 

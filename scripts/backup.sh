@@ -64,7 +64,7 @@ dump mlflow_auth >"$work/archive/auth.dump"
 { row_counts "$work/archive/tracking.dump"; row_counts "$work/archive/auth.dump"; } >"$work/rows"
 # S3 is on the internal network only: a one-shot container of the mlflow image streams it out.
 echo "...artifacts..."
-"${compose[@]}" run --rm --no-deps -T --entrypoint python s3-init /opt/mlflow/bucket_archive.py export \
+"${compose[@]}" run --rm --no-deps -T --entrypoint python s3-init -m tracking.bucket_archive export \
   >"$work/archive/bucket.tar"
 
 # What wrote the data, so that a restore can tell whether its image can read it.
@@ -75,12 +75,12 @@ in_postgres 'psql -At -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d "$POSTGRES_DB" -
 in_postgres 'psql -At -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d mlflow_auth -c "SELECT version_num FROM alembic_version_auth"' \
   >"$work/auth_schema"
 # In a one-off container of the tracking server: importing its code needs a writable /tmp.
-"${compose[@]}" run --rm --no-deps -T --entrypoint python mlflow /opt/mlflow/schema_info.py >"$work/image.json"
-python3 docker/mlflow/backup_manifest.py write "$work" "$project" "$created"
+"${compose[@]}" run --rm --no-deps -T --entrypoint python mlflow -m tracking.schema_info >"$work/image.json"
+python3 -m tracking.backup_manifest write "$work" "$project" "$created"
 
 # Written under a temporary name, so an archive with the final name is always complete.
 tar -C "$work/archive" -czf "$work/archive.tar.gz" manifest.json manifest.json.hmac tracking.dump auth.dump bucket.tar
 # The same check restore makes before it touches anything.
 scripts/restore.sh --verify "$work/archive.tar.gz" >/dev/null
 mv "$work/archive.tar.gz" "$archive"
-python3 docker/mlflow/backup_manifest.py summary "$archive" "$work/archive/manifest.json"
+python3 -m tracking.backup_manifest summary "$archive" "$work/archive/manifest.json"

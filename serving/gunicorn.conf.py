@@ -7,13 +7,8 @@ Start with `python -m serving`, which validates the environment first and then r
 import os
 import sys
 
-# gunicorn executes this file by path; make the package importable wherever it lives.
-_package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _package_parent not in sys.path:
-    sys.path.insert(0, _package_parent)
-
 # Every top-level name here that matches a gunicorn setting is read as one, hence the alias.
-from serving import config as serving_config  # noqa: E402
+from serving import config as serving_config
 
 try:
     _settings = serving_config.from_env()
@@ -29,7 +24,6 @@ except ImportError:  # uvicorn before the worker moved to its own package
     worker_class = "uvicorn.workers.UvicornWorker"
 
 wsgi_app = "serving.app:create_app()"
-pythonpath = _package_parent
 bind = [_settings.bind]
 workers = _settings.workers
 proc_name = "serving"

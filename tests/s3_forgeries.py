@@ -30,9 +30,9 @@ import json
 import os
 import sys
 import urllib.parse
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 from unittest import mock
 
 import boto3
@@ -91,7 +91,7 @@ class Forgery:
 
 
 def now() -> datetime.datetime:
-    return datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    return datetime.datetime.now(datetime.UTC).replace(tzinfo=None)
 
 
 def _url(t: Target, path: str, query: str = "") -> str:
@@ -200,7 +200,8 @@ def _bare(t: Target, method: str, path: str, query: str = "", body: bytes = b"")
 def _respelled(t: Target, respell: Callable[[str], str], signature: str = GARBAGE_SIGNATURE) -> Request:
     """A listing whose Authorization header spells the algorithm otherwise; the signature is
     guessed unless given (a server must not skip checking it for an odd spelling)."""
-    return with_authorization(listing(t), lambda a: respell(a.rsplit("=", 1)[0] + "=" + (signature or a.rsplit("=", 1)[1])))
+    return with_authorization(
+        listing(t), lambda a: respell(a.rsplit("=", 1)[0] + "=" + (signature or a.rsplit("=", 1)[1])))
 
 
 def _duplicated_param(t: Target) -> Request:
@@ -333,7 +334,8 @@ FORGERIES: tuple[Forgery, ...] = (
     Forgery("garbage-signature", "the right form, signature all zeros",
             lambda t: with_authorization(listing(t), lambda a: a.rsplit("=", 1)[0] + "=" + GARBAGE_SIGNATURE)),
     Forgery("signature-uppercase", "the right signature in uppercase hex",
-            lambda t: with_authorization(listing(t), lambda a: a.rsplit("=", 1)[0] + "=" + a.rsplit("=", 1)[1].upper())),
+            lambda t: with_authorization(
+                listing(t), lambda a: a.rsplit("=", 1)[0] + "=" + a.rsplit("=", 1)[1].upper())),
     Forgery("unknown-access-key", "a key that does not exist",
             lambda t: signed(t, "GET", f"/{t.bucket}", query="list-type=2", keys=Keys("nobody", "nobody-secret"))),
     Forgery("replayed-to-other-path", "a captured signed listing sent for another bucket",

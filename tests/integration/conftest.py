@@ -4,14 +4,13 @@ its volumes at the end. When any test fails, the services' logs are printed."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
-import subprocess
 import uuid
 
 import pytest
 from mlflow import MlflowClient
-
 from stack import ROOT, TEST_IMAGES, TRAIN_IMAGES, Stack, free_port, registry_reachable, write_env
 
 _failed = False

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from stack import ROOT, write_env
 
 VARIANTS = {

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import requests
 from mlflow import MlflowClient
-
 from stack import TEST_IMAGES, Stack
-
-
 
 
 def test_serving_is_healthy_and_waits_before_any_model(stack: Stack):

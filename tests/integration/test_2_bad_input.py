@@ -12,7 +12,6 @@ from typing import NamedTuple
 
 import pytest
 import requests
-
 from container_memory import MIB, container_memory
 from malformed_requests import CASES, ONE_IMAGE
 from stack import Stack
@@ -147,7 +146,8 @@ TRACKING_CASES = [
                  {"run_id": ["{run}"], "key": "m", "value": 1.0, "timestamp": 1}, status=400),
     TrackingCase("body nested 100k deep", "POST", "runs/create", DEEP, status=400),
     TrackingCase("double-encoded body that is not JSON", "POST", "runs/search", b'"not json"', status=400),
-    TrackingCase("start time as a word", "POST", "runs/create", {"experiment_id": "{experiment}", "start_time": "yesterday"}),
+    TrackingCase("start time as a word", "POST", "runs/create",
+                 {"experiment_id": "{experiment}", "start_time": "yesterday"}),
     TrackingCase("metric without key", "POST", "runs/log-metric", {"run_id": "{run}", "value": 1.0, "timestamp": 1}),
     TrackingCase("metric value a word", "POST", "runs/log-metric",
                  {"run_id": "{run}", "key": "m", "value": "high", "timestamp": 1}),
@@ -157,17 +157,22 @@ TRACKING_CASES = [
                  {"run_id": "{run}", "metrics": [{"key": "m", "value": 1.0, "timestamp": 1, "step": i}
                                                  for i in range(1001)]}),
     TrackingCase("batch metrics not a list", "POST", "runs/log-batch", {"run_id": "{run}", "metrics": "x"}),
-    TrackingCase("param key of 1000 characters", "POST", "runs/log-parameter", {"run_id": "{run}", "key": LONG_KEY, "value": "v"}),
+    TrackingCase("param key of 1000 characters", "POST", "runs/log-parameter",
+                 {"run_id": "{run}", "key": LONG_KEY, "value": "v"}),
     TrackingCase("metric key of 1000 characters", "POST", "runs/log-metric",
                  {"run_id": "{run}", "key": LONG_KEY, "value": 1.0, "timestamp": 1}),
-    TrackingCase("tag key of 1000 characters", "POST", "runs/set-tag", {"run_id": "{run}", "key": LONG_KEY, "value": "v"}),
+    TrackingCase("tag key of 1000 characters", "POST", "runs/set-tag",
+                 {"run_id": "{run}", "key": LONG_KEY, "value": "v"}),
     TrackingCase("experiment name of 5000 characters", "POST", "experiments/create", {"name": "e" * 5000}),
-    TrackingCase("param key with a path in it", "POST", "runs/log-parameter", {"run_id": "{run}", "key": "../etc", "value": "v"}),
+    TrackingCase("param key with a path in it", "POST", "runs/log-parameter",
+                 {"run_id": "{run}", "key": "../etc", "value": "v"}),
     TrackingCase("run that does not exist", "GET", "runs/get", params={"run_id": "0" * 32}),
     TrackingCase("experiment that does not exist", "GET", "experiments/get", params={"experiment_id": "987654321"}),
     TrackingCase("experiment id not a number", "GET", "experiments/get", params={"experiment_id": "abc"}),
-    TrackingCase("model version not a number", "GET", "model-versions/get", params={"name": "{model}", "version": "abc"}),
-    TrackingCase("registered model that does not exist", "GET", "registered-models/get", params={"name": "no-such-model"}),
+    TrackingCase("model version not a number", "GET", "model-versions/get",
+                 params={"name": "{model}", "version": "abc"}),
+    TrackingCase("registered model that does not exist", "GET", "registered-models/get",
+                 params={"name": "no-such-model"}),
     TrackingCase("run search with a broken filter", "POST", "runs/search",
                  {"experiment_ids": ["{experiment}"], "filter": "metrics.m >>> 1"}),
     TrackingCase("run search for 10^12 results", "POST", "runs/search",

@@ -6,18 +6,14 @@ The figures are printed, never asserted: performance on a shared CI machine says
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
-
 from container_memory import container_memory
-from stack import ROOT, Stack
+from stack import Stack
 
 # The benchmarks' load client: raw HTTP/1.1 on asyncio, cheap enough per request that on a
 # small machine the measurement is of the server, not of the client.
-if str(ROOT) not in sys.path:
-    sys.path.append(str(ROOT))
-from bench import common  # noqa: E402
+from bench import common
 
 SECONDS_PER_LEVEL = 3.0
 LEVELS = (1, 10, 50)

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 import pytest
 import requests
 from mlflow import MlflowClient
-
 from stack import Stack, poll
 
 IMAGE = [[[0.0] * 28] * 28]

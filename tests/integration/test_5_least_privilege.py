@@ -11,7 +11,6 @@ import subprocess
 import pytest
 import requests
 from mlflow import MlflowClient
-
 from stack import Stack
 
 API = "/api/2.0/mlflow"
@@ -101,7 +100,8 @@ def test_only_the_admin_and_the_trainer_create_experiments_and_models(stack: Sta
             response = call(stack, who, "POST", path, json=body)
             assert response.status_code == 403, f"{who if isinstance(who, str) else 'teammate'} {path}: {response.text}"
     for who in ("admin", "trainer"):
-        response = call(stack, who, "POST", f"{API}/experiments/create", json={"name": f"by-{who}-{secrets.token_hex(4)}"})
+        response = call(stack, who, "POST", f"{API}/experiments/create",
+                        json={"name": f"by-{who}-{secrets.token_hex(4)}"})
         assert response.status_code == 200, f"{who}: {response.text}"
 
 

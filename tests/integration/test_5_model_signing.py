@@ -12,7 +12,6 @@ from pathlib import Path
 import mlflow
 import requests
 from mlflow import MlflowClient
-
 from stack import Stack, poll
 
 IMAGE = [[[0.0] * 28] * 28]

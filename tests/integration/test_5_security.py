@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import requests
 from mlflow import MlflowClient
-
 from stack import ROOT, Stack, free_port
 
 SEARCH = "/api/2.0/mlflow/experiments/search?max_results=1"
@@ -368,7 +367,8 @@ def test_tls_proxy_sends_hsts_on_both_ports(stack: Stack, tls_proxy: TlsProxy):
                                       verify=verify, timeout=10),
         "model endpoint, no login": requests.get(tls_proxy.serving_url + "/ping", verify=verify, timeout=10),
         "model endpoint, too large": requests.post(tls_proxy.serving_url + "/invocations", verify=verify,
-                                                   timeout=30, data=b"0" * (int(stack.env["SERVING_MAX_BODY_BYTES"]) + 1)),
+                                                   timeout=30,
+                                                   data=b"0" * (int(stack.env["SERVING_MAX_BODY_BYTES"]) + 1)),
     }
     assert [response.status_code for response in answers.values()] == [200, 200, 401, 413]
     for what, response in answers.items():

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from stack import ROOT, Stack
 
 ARTIFACTS = ROOT / "tests" / "artifacts"

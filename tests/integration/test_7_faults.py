@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 import pytest
 import requests
 from mlflow import MlflowClient
-
 from stack import ROOT, Stack, poll
 
 # More images than the other tests use, so that training outlasts each fault.
@@ -215,7 +214,7 @@ class SteadyLoad:
             self.outcomes.append(Outcome(started, time.monotonic(), ok, detail))
             self.stop.wait(0.01)
 
-    def __enter__(self) -> "SteadyLoad":
+    def __enter__(self) -> SteadyLoad:
         self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(self.clients)]
         for thread in self.threads:
             thread.start()

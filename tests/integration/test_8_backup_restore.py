@@ -24,11 +24,10 @@ from pathlib import Path
 
 import pytest
 import requests
+from backup_archives import edit_manifest, edit_object, read_archive, rechecksum, sign, write_archive
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 from mlflow.entities import ViewType
-
-from backup_archives import edit_manifest, edit_object, read_archive, rechecksum, sign, write_archive
 from stack import ROOT, Stack
 
 SECRET_NAME = re.compile(r"(PASSWORD|SECRET_KEY|ACCESS_KEY|BACKUP_KEY)$")
@@ -174,7 +173,8 @@ def test_backup_writes_one_archive_with_counts_and_checksums(stack: Stack, backu
     assert all(re.fullmatch(r"[0-9a-f]{64}", o["sha256"]) for o in manifest["objects"])
     # What wrote the data: the server's MLflow, its schema revisions, the Postgres server.
     versions = manifest["versions"]
-    assert versions["mlflow"] == requests.get(f"{stack.mlflow_url}/version", auth=stack.credentials("admin"), timeout=10).text.strip()
+    served = requests.get(f"{stack.mlflow_url}/version", auth=stack.credentials("admin"), timeout=10)
+    assert versions["mlflow"] == served.text.strip()
     assert re.fullmatch(r"[0-9a-f]{12}", versions["tracking_schema"]), versions
     assert re.fullmatch(r"[0-9a-f]{12}", versions["auth_schema"]), versions
     assert versions["postgres"].startswith("17."), versions
@@ -269,7 +269,8 @@ def test_a_dump_that_cannot_load_leaves_the_stack_as_it_was(stack: Stack, backup
     broken = write_archive(backup["workdir"] / "broken-dump.tar.gz", members)
     started = started_at(stack)
 
-    result, _ = run_script(stack, "restore.sh", str(broken), CONFIRM="yes", BACKUP_DIR=str(backup["workdir"] / "safety"))
+    result, _ = run_script(stack, "restore.sh", str(broken), CONFIRM="yes",
+                           BACKUP_DIR=str(backup["workdir"] / "safety"))
     line = refusal_line(result)
     assert line.startswith("tracking.dump does not load:"), f"{line}\n{result.stdout[-3000:]}"
     assert line.endswith("Nothing was changed; the stack keeps running."), line
@@ -320,7 +321,8 @@ def test_restore_into_a_fresh_stack_brings_everything_back(stack: Stack, backup,
     app_role = stack.env["MLFLOW_DB_USER"]
     assert psql(stack, "SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = 'public'",
                 db=stack.env["POSTGRES_DB"]) == app_role
-    assert psql(stack, "SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = 'public'", db="mlflow_auth") == app_role
+    owners = "SELECT DISTINCT tableowner FROM pg_tables WHERE schemaname = 'public'"
+    assert psql(stack, owners, db="mlflow_auth") == app_role
     databases = psql(stack, "SELECT datname FROM pg_database ORDER BY 1").split()
     assert not [d for d in databases if "_restoring" in d or "_before_" in d], databases
 

@@ -8,7 +8,6 @@ from pathlib import Path
 
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
-
 from stack import Stack
 
 

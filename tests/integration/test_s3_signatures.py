@@ -17,9 +17,8 @@ import os
 import subprocess
 
 import pytest
-
-from stack import ROOT, Stack
 from s3_forgeries import FORGERIES, OTHER_BUCKET
+from stack import ROOT, Stack
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The backup manifest (docker/mlflow/backup_manifest.py) and `scripts/restore.sh --verify`
+"""The backup manifest (tracking/backup_manifest.py) and `scripts/restore.sh --verify`
 on archives built here: no Docker. An intact archive passes; one edited and re-checksummed
 without BACKUP_KEY, damaged, or carrying S3 headers other than ContentType and Metadata is
 refused with one line."""
@@ -10,19 +10,16 @@ import io
 import json
 import os
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
-
 from backup_archives import edit_manifest, edit_object, read_archive, rechecksum, sign, write_archive
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.append(str(ROOT / "docker" / "mlflow"))
+from tracking import backup_manifest
+from tracking.backup_manifest import Refused
 
-import backup_manifest  # noqa: E402
-from backup_manifest import Refused  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 KEY = "test-backup-key-0123456789"
 

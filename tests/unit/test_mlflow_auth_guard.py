@@ -1,20 +1,15 @@
-"""docker/mlflow/auth_guard.py in a Flask request context: what MLflow's permission checks
+"""tracking/auth_guard.py in a Flask request context: what MLflow's permission checks
 would fail on with a 500 is refused with a 4xx; everything else reaches MLflow's basic auth."""
 
 import base64
 import json
-import sys
-from pathlib import Path
 from unittest import mock
 
 import pytest
 from flask import Flask
 from werkzeug.datastructures import Authorization
 
-# Appended, not prepended: docker/mlflow/settings.py must not shadow anything else.
-sys.path.append(str(Path(__file__).resolve().parents[2] / "docker" / "mlflow"))
-
-import auth_guard  # noqa: E402
+from tracking import auth_guard
 
 BASIC = "Basic " + base64.b64encode(b"trainer:secret").decode()
 AUTHENTICATED = Authorization("basic", {"username": "trainer", "password": "secret"})
@@ -71,7 +66,8 @@ def test_bad_credentials_are_answered_before_the_body_is_looked_at():
 
 
 
-@pytest.mark.parametrize("path", ["/api/2.0/mlflow/experiments/create", "/ajax-api/2.0/mlflow/registered-models/create"])
+@pytest.mark.parametrize("path", ["/api/2.0/mlflow/experiments/create",
+                                  "/ajax-api/2.0/mlflow/registered-models/create"])
 def test_only_admins_and_the_trainer_create(path, monkeypatch):
     monkeypatch.setattr(auth_guard, "_CREATORS", frozenset({"trainer"}))
     user = mock.Mock(is_admin=False)

@@ -1,14 +1,10 @@
-"""docker/mlflow/body_limit.py: bodies over the tracking server's limit get 413 before the
+"""tracking/body_limit.py: bodies over the tracking server's limit get 413 before the
 app reads them; everything else reaches MLflow's app untouched."""
 
 import asyncio
 import json
-import sys
-from pathlib import Path
 
-sys.path.append(str(Path(__file__).resolve().parents[2] / "docker" / "mlflow"))
-
-from body_limit import BodyLimit  # noqa: E402
+from tracking.body_limit import BodyLimit
 
 
 class Recorder:

@@ -2,10 +2,10 @@
 account from which the registry hides the version's run (serving may not read runs)."""
 
 import pytest
+from signing_keys import signing_key_pair
 
 import model_signatures
 from model_signatures import Provenance, Refused
-from signing_keys import signing_key_pair
 
 MLMODEL = """flavors:
   python_function:

@@ -21,7 +21,6 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
 import s3_forgeries
 from s3_forgeries import FORGERIES, Keys, Target
 

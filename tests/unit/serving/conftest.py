@@ -3,23 +3,17 @@ signed the way the trainer signs its models, and versions that serving must refu
 
 import contextlib
 import os
-import sys
 import uuid
 from pathlib import Path
 
 import numpy as np
 import pytest
+from refused_models import REFUSED_KINDS  # this folder: pytest puts a conftest's folder on the path
+from signing_keys import signing_key_pair  # tests/signing_keys.py
+
+import model_signatures
 
 HERE = Path(__file__).parent
-# The serving package (repo root) and serving_helpers (this folder), whatever the
-# pytest import mode.
-for path in (str(HERE.parents[2]), str(HERE)):
-    if path not in sys.path:
-        sys.path.insert(0, path)
-
-import model_signatures  # noqa: E402 - needs the path above
-from refused_models import REFUSED_KINDS  # noqa: E402 - this folder, on the path above
-from signing_keys import signing_key_pair  # noqa: E402 - tests/signing_keys.py
 
 STANDIN_CODE = str(HERE / "standin_model.py")
 

@@ -1,4 +1,4 @@
-"""The container's process model for real: docker/serving/entrypoint.sh -> gunicorn with
+"""The container's process model for real: `python -m serving` (the image's entry point) -> gunicorn with
 two uvicorn workers on a free loopback port, driven over HTTP like a client would."""
 
 import os
@@ -14,8 +14,6 @@ import pytest
 import requests
 from serving_helpers import ONE_IMAGE_BODY, wait_until
 
-ROOT = Path(__file__).resolve().parents[3]
-ENTRYPOINT = ROOT / "docker" / "serving" / "entrypoint.sh"
 JSON = {"content-type": "application/json"}
 
 
@@ -32,7 +30,6 @@ def server(registry, tmp_path):
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONPATH": str(ROOT),
         "MLFLOW_TRACKING_URI": registry.tracking_uri,
         "MODEL_NAME": name,
         "MODEL_SIGNING_PUBLIC_KEY": registry.keys["MODEL_SIGNING_PUBLIC_KEY"],
@@ -46,7 +43,7 @@ def server(registry, tmp_path):
     log_path = tmp_path / "serving.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            ["sh", str(ENTRYPOINT)], env=env, stdout=log, stderr=subprocess.STDOUT,
+            [sys.executable, "-m", "serving"], env=env, stdout=log, stderr=subprocess.STDOUT,
             start_new_session=True,
         )
     base = f"http://127.0.0.1:{port}"
@@ -151,13 +148,12 @@ def test_nonsense_settings_fail_at_start_with_one_line(registry, setting, value,
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PYTHONPATH": str(ROOT),
         "MLFLOW_TRACKING_URI": "http://mlflow:5000",
         "MODEL_NAME": "fashion",
         "MODEL_SIGNING_PUBLIC_KEY": registry.keys["MODEL_SIGNING_PUBLIC_KEY"],
     }
     # The private half where the public one belongs is refused too: serving must not hold it.
     env[setting] = registry.keys["MODEL_SIGNING_KEY"] if value == "private" else value
-    run = subprocess.run(["sh", str(ENTRYPOINT)], env=env, capture_output=True, text=True, timeout=30)
+    run = subprocess.run([sys.executable, "-m", "serving"], env=env, capture_output=True, text=True, timeout=30)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [line]

@@ -14,7 +14,7 @@ import time
 import psycopg2
 from psycopg2 import sql
 
-import settings
+from tracking import settings
 
 # Objects in the public schema that a role can own, with the ALTER statement for each kind.
 # Sequences owned by a table column follow their table; views and enums are listed too.
@@ -33,7 +33,7 @@ def connect(database: str):
             return conn
         except psycopg2.OperationalError as error:
             if time.monotonic() > deadline:
-                raise SystemExit(f"Postgres did not accept connections within 120 s: {error}")
+                raise SystemExit(f"Postgres did not accept connections within 120 s: {error}") from None
             time.sleep(delay)
             delay = min(delay * 2, 5)
 

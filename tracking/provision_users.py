@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException, RestException
 from mlflow.server import get_app_client
 
-import settings
+from tracking import settings
 
 
 def ensure_user(auth, username: str, password: str) -> None:

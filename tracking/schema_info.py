@@ -1,6 +1,6 @@
 """One-shot: which MLflow this image holds and which database schemas it can upgrade from.
 
-    python /opt/mlflow/schema_info.py
+    python -m tracking.schema_info
     {"mlflow": "3.17.2", "tracking_schema": {"head": ..., "known": [...]}, "auth_schema": {...}}
 
 scripts/backup.sh records the version in the manifest; scripts/restore.py refuses an archive
@@ -18,6 +18,7 @@ warnings.filterwarnings("ignore", message=r"starlette\.middleware\.wsgi is depre
 
 import mlflow  # noqa: E402
 from alembic.script import ScriptDirectory  # noqa: E402
+
 # The same migration configurations the tracking server upgrades its databases with.
 from mlflow.server.auth.db.utils import _get_alembic_config as auth_alembic_config  # noqa: E402
 from mlflow.store.db.utils import _get_alembic_config as tracking_alembic_config  # noqa: E402

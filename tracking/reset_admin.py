@@ -16,7 +16,7 @@ warnings.filterwarnings("ignore", message=r"starlette\.middleware\.wsgi is depre
 
 from mlflow.server.auth.sqlalchemy_store import SqlAlchemyStore  # noqa: E402
 
-import settings  # noqa: E402
+from tracking import settings  # noqa: E402
 
 
 def main() -> None:

@@ -24,18 +24,22 @@ import sys
 import tarfile
 import tempfile
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
+from tracking import backup_manifest
+from tracking.backup_manifest import AUTH_TABLES, TRACKING_TABLES, Refused
+
 ROOT = Path(__file__).resolve().parents[1]
-# The manifest format lives beside bucket_archive.py, which applies its object-header rule in
-# the image. Appended: nothing there may shadow a standard module.
-sys.path.append(str(ROOT / "docker" / "mlflow"))
-import backup_manifest  # noqa: E402
-from backup_manifest import AUTH_TABLES, TRACKING_TABLES, Refused  # noqa: E402
 
 AUTH_DB = "mlflow_auth"
 STORES = ("postgres", "minio")
+
+
+def described(command: tuple[str, ...]) -> str:
+    """`-m tracking.bucket_archive upload` as `bucket_archive upload`, for error lines."""
+    module, *args = command[1:] if command[0] == "-m" else command
+    return " ".join([module.rsplit(".", 1)[-1], *args])
 
 
 class Failed(Exception):
@@ -91,10 +95,10 @@ class Stack:
         result = self.compose("run", "--rm", "--no-deps", "-T", "--entrypoint", "python", service, *command,
                               input=input or "", check=False)
         if result.returncode != 0:
-            raise Failed(f"{command[0].rsplit('/', 1)[-1]} {' '.join(command[1:])}: {last_line(result.stderr)}")
+            raise Failed(f"{described(command)}: {last_line(result.stderr)}")
         return result.stdout
 
-    def one_shot_fed(self, service: str, *command: str, member: "Member") -> str:
+    def one_shot_fed(self, service: str, *command: str, member: Member) -> str:
         """one_shot with an archive member streamed into it."""
         with tempfile.TemporaryFile() as errors:
             process = subprocess.Popen(self.command("run", "--rm", "--no-deps", "-T", "--entrypoint", "python",
@@ -103,8 +107,7 @@ class Stack:
             sha256 = member.pipe_into(process)
             if process.wait() != 0:
                 errors.seek(0)
-                raise Failed(f"{command[0].rsplit('/', 1)[-1]} {' '.join(command[1:])}: "
-                             f"{last_line(errors.read().decode(errors='replace'))}")
+                raise Failed(f"{described(command)}: {last_line(errors.read().decode(errors='replace'))}")
         return sha256
 
     def apps(self) -> list[str]:
@@ -159,7 +162,7 @@ def count_sql(tables: dict[str, str]) -> str:
 class Restore:
     def __init__(self, stack: Stack, archive: Path, manifest: dict, backup_dir: Path):
         self.stack, self.archive, self.manifest, self.backup_dir = stack, archive, manifest, backup_dir
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dt%H%M%Sz")
+        stamp = datetime.now(UTC).strftime("%Y%m%dt%H%M%Sz")
         self.stamp = stamp
         # (dump, live name, scratch name, previous name); names stay under Postgres' 63 bytes.
         self.databases = [(dump, live, f"{live}_restoring"[:63], f"{live}_before_{stamp}"[:63])
@@ -168,7 +171,7 @@ class Restore:
 
     # --- checks that change nothing ------------------------------------------------------
     def check_versions(self) -> None:
-        image = json.loads(self.stack.one_shot("mlflow", "/opt/mlflow/schema_info.py"))
+        image = json.loads(self.stack.one_shot("mlflow", "-m", "tracking.schema_info"))
         postgres = self.stack.psql("SHOW server_version")
         say(f"  made with {backup_manifest.versions_line(self.manifest)}")
         say(f"  this stack: MLflow {image['mlflow']} (tracking schema {image['tracking_schema']['head']}, "
@@ -215,7 +218,8 @@ class Restore:
 
     def check_counts(self) -> None:
         (_, _, tracking, _), (_, _, auth, _) = self.databases
-        restored = dict(zip(TRACKING_TABLES, map(int, self.stack.psql(count_sql(TRACKING_TABLES), db=tracking).split("|"))))
+        counts = self.stack.psql(count_sql(TRACKING_TABLES), db=tracking).split("|")
+        restored = dict(zip(TRACKING_TABLES, map(int, counts)))
         restored.update(zip(AUTH_TABLES, map(int, self.stack.psql(count_sql(AUTH_TABLES), db=auth).split("|"))))
         expected = {name: self.manifest["counts"][name] for name in restored}
         if restored != expected:
@@ -239,7 +243,7 @@ class Restore:
     def upload(self) -> None:
         say("Uploading the artifacts...")
         with Member(self.archive, "bucket.tar") as member:
-            sha256 = self.stack.one_shot_fed("s3-init", "/opt/mlflow/bucket_archive.py", "upload", member=member)
+            sha256 = self.stack.one_shot_fed("s3-init", "-m", "tracking.bucket_archive", "upload", member=member)
         if sha256 != self.manifest["files"]["bucket.tar"]["sha256"]:
             raise Failed("bucket.tar changed on disk since it was checked")
 
@@ -299,16 +303,17 @@ class Restore:
                 f"docker compose exec postgres sh -c 'dropdb -U \"$POSTGRES_USER\" NAME'")
         try:
             say("Removing objects the archive does not hold...")
-            stack.one_shot("s3-init", "/opt/mlflow/bucket_archive.py", "prune",
+            stack.one_shot("s3-init", "-m", "tracking.bucket_archive", "prune",
                            input=json.dumps({"objects": self.manifest["objects"]}))
             # The backup's admin password hash came with the auth database; this stack's .env
             # wins. In a one-off container of the tracking server: its code needs a writable /tmp.
-            stack.one_shot("mlflow", "/opt/mlflow/reset_admin.py")
+            stack.one_shot("mlflow", "-m", "tracking.reset_admin")
             say("Starting the stack...")
             stack.up()
         except Failed as error:
             stack.compose("ps", "-a", capture=False, check=False)
-            raise Failed(f"{error}. The restored databases are in place, but the stack is not healthy. {undo}") from None
+            raise Failed(f"{error}. The restored databases are in place, but the stack is not healthy. "
+                         f"{undo}") from None
 
         # Healthy on the restored data: the safety backup now is the way back, not the old databases.
         self.drop_previous()

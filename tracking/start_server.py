@@ -13,7 +13,7 @@ import time
 
 import psycopg2
 
-import settings
+from tracking import settings
 
 
 def wait_for_postgres(deadline_s: float = 120) -> None:
@@ -25,7 +25,7 @@ def wait_for_postgres(deadline_s: float = 120) -> None:
             return
         except psycopg2.OperationalError as error:
             if time.monotonic() > deadline:
-                raise SystemExit(f"Postgres did not accept connections within {deadline_s:.0f} s: {error}")
+                raise SystemExit(f"Postgres did not accept connections within {deadline_s:.0f} s: {error}") from None
             time.sleep(delay)
             delay = min(delay * 2, 5)
 
@@ -48,7 +48,7 @@ def write_auth_config() -> str:
             f"auth_cache_ttl_seconds = {settings.optional('MLFLOW_AUTH_CACHE_SECONDS', '30')}\n"
             # MLflow's basic auth behind a guard that answers malformed requests with a 4xx
             # where MLflow's permission checks would fail with a 500 (auth_guard.py).
-            "authorization_function = auth_guard:authenticate_request\n"
+            "authorization_function = tracking.auth_guard:authenticate_request\n"
         )
     return path
 
@@ -107,9 +107,6 @@ def main() -> None:
     ]
     if origins:
         args += ["--cors-allowed-origins", origins]
-    # The server's worker processes import auth_guard from beside this script.
-    here = os.path.dirname(os.path.abspath(__file__))
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [here, os.environ.get("PYTHONPATH")]))
     settings.log(f"starting the tracking server on port {port}")
     os.execvp(args[0], args)
 

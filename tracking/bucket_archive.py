@@ -1,8 +1,8 @@
 """One-shot: every object of the artifact bucket as a tar stream, out and back in.
 
-    python /opt/mlflow/bucket_archive.py export  >bucket.tar
-    python /opt/mlflow/bucket_archive.py upload  <bucket.tar
-    python /opt/mlflow/bucket_archive.py prune   <manifest.json
+    python -m tracking.bucket_archive export  >bucket.tar
+    python -m tracking.bucket_archive upload  <bucket.tar
+    python -m tracking.bucket_archive prune   <manifest.json
 
 export writes one member `objects/<key>` per object, then `bucket.json`: every key with its
 size and sha256, hashed while it was read from S3. A restore runs upload once the databases
@@ -27,9 +27,8 @@ import time
 import boto3
 from botocore.config import Config
 
-import create_bucket
-import settings
-from backup_manifest import INDEX, OBJECTS, S3_HEADER, Refused, object_headers
+from tracking import create_bucket, settings
+from tracking.backup_manifest import INDEX, OBJECTS, S3_HEADER, Refused, object_headers
 
 
 class HashingReader:
@@ -138,7 +137,8 @@ def prune(s3, bucket: str, manifest) -> None:
         batch = [{"Key": key} for key in stale[start:start + 1000]]
         errors = s3.delete_objects(Bucket=bucket, Delete={"Objects": batch, "Quiet": True}).get("Errors")
         if errors:
-            raise SystemExit(f"could not delete {len(errors)} objects, e.g. {errors[0].get('Key')}: {errors[0].get('Code')}")
+            first = errors[0]
+            raise SystemExit(f"could not delete {len(errors)} objects, e.g. {first.get('Key')}: {first.get('Code')}")
 
     # Read back what S3 now holds: the bucket must be the archive, byte for byte.
     present = list_keys(s3, bucket)

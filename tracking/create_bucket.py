@@ -17,7 +17,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import ClientError, EndpointConnectionError
 
-import settings
+from tracking import settings
 
 
 def s3_client(access_key_var: str = "AWS_ACCESS_KEY_ID", secret_key_var: str = "AWS_SECRET_ACCESS_KEY"):
@@ -59,12 +59,12 @@ def ensure_bucket(s3, bucket: str, endpoint: str) -> None:
             if code in ("404", "NoSuchBucket", "NotFound"):
                 break
             if code in ("403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-                raise SystemExit(f"S3 at {endpoint} refused the credentials for bucket {bucket}: {code}")
+                raise SystemExit(f"S3 at {endpoint} refused the credentials for bucket {bucket}: {code}") from None
             if time.monotonic() > deadline:
                 raise
         except EndpointConnectionError:
             if time.monotonic() > deadline:
-                raise SystemExit(f"S3 endpoint {endpoint} did not answer within 60 s")
+                raise SystemExit(f"S3 endpoint {endpoint} did not answer within 60 s") from None
         time.sleep(1)
     try:
         s3.create_bucket(Bucket=bucket)
@@ -126,7 +126,7 @@ def check_app_key(bucket: str, endpoint: str) -> None:
             # A new MinIO user can take a moment to be seen by every node.
             if time.monotonic() > deadline:
                 raise SystemExit(f"S3 at {endpoint} refuses S3_APP_ACCESS_KEY on bucket {bucket} ({code}); "
-                                 "give that key read, write and list rights on the bucket in the S3 server")
+                                 "give that key read, write and list rights on the bucket in the S3 server") from None
         time.sleep(1)
 
 
