@@ -6,7 +6,7 @@ SHELL := /bin/bash
 COMPOSE ?= docker compose
 ENV_FILE := .env
 # Read only what make itself needs from .env; compose reads the rest directly.
-env_value = $(shell [ -f $(ENV_FILE) ] && grep -E '^$(1)=' $(ENV_FILE) | tail -n1 | cut -d= -f2-)
+env_value = $(shell ENV_FILE=$(ENV_FILE) scripts/env-value.sh $(1))
 COMPOSE_FILES = $(or $(call env_value,COMPOSE_FILE),compose.yaml)
 GPU ?= 0
 ifeq ($(GPU),1)

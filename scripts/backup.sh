@@ -18,16 +18,11 @@ cd "$root"
 [ -f "$env_file" ] || { echo "No $env_file: run 'make up' first." >&2; exit 2; }
 compose=(docker compose --env-file "$env_file")
 
-setting() { # NAME DEFAULT: the environment first, then the env file, as compose reads them
-  local value=${!1:-}
-  [ -n "$value" ] || value=$(grep -E "^$1=" "$env_file" | tail -n1 | cut -d= -f2-)
-  printf '%s' "${value:-$2}"
-}
-project=$(setting COMPOSE_PROJECT_NAME mlops)
-# Only the manifest module and the check at the end see it, through their environment.
-BACKUP_KEY=$(setting BACKUP_KEY "")
-[ -n "$BACKUP_KEY" ] || { echo "BACKUP_KEY is not set in $env_file: run 'make env' to add it." >&2; exit 2; }
-export BACKUP_KEY
+# The environment first, then the env file, as compose reads them. Only the manifest module
+# and the check at the end read BACKUP_KEY, through their environment.
+ENV_FILE=$env_file . scripts/dotenv.sh
+project=${COMPOSE_PROJECT_NAME:-mlops}
+[ -n "${BACKUP_KEY:-}" ] || { echo "BACKUP_KEY is not set in $env_file: run 'make env' to add it." >&2; exit 2; }
 
 running=$("${compose[@]}" ps --status running --services)
 for service in postgres minio; do

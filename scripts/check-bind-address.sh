@@ -8,7 +8,7 @@ set -euo pipefail
 ENV_FILE=${1:-.env}
 # Same precedence as compose: the environment first, then .env.
 # shellcheck source=dotenv.sh
-if [ -f "$ENV_FILE" ]; then . "$(dirname "$0")/dotenv.sh"; fi
+. "$(dirname "$0")/dotenv.sh"
 
 bind=${BIND_ADDRESS:-127.0.0.1}
 files=${COMPOSE_FILE:-compose.yaml}

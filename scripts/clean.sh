@@ -3,7 +3,8 @@
 # first, unless CONFIRM=yes (for scripts).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-project=$(grep -E '^COMPOSE_PROJECT_NAME=' .env 2>/dev/null | cut -d= -f2-)
+. scripts/dotenv.sh
+project=${COMPOSE_PROJECT_NAME:-}
 echo "This deletes ALL data of the stack '${project:-mlops}': runs, models, artifacts, datasets."
 if [ "${CONFIRM:-}" != yes ]; then
   if [ ! -t 0 ]; then echo "Refusing without a terminal; run with CONFIRM=yes." >&2; exit 2; fi

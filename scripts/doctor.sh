@@ -6,7 +6,8 @@ failures=0
 ok()   { printf '  ok    %s\n' "$*"; }
 bad()  { printf '  FAIL  %s\n' "$*"; failures=$((failures + 1)); }
 warn() { printf '  warn  %s\n' "$*"; }
-value() { [ -f .env ] && grep -E "^$1=" .env | tail -n1 | cut -d= -f2-; }
+. scripts/dotenv.sh
+value() { printf '%s' "${!1:-}"; }
 
 echo "Checking this machine for the stack:"
 if ! command -v docker >/dev/null; then

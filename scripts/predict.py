@@ -17,13 +17,27 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--url", required=True, help="the /invocations URL")
     args = parser.parse_args()
-    sample = json.load(sys.stdin)
-    body = json.dumps({"inputs": sample["inputs"]}).encode()
+    text = sys.stdin.read()
+    if not text.strip():
+        # The command feeding us failed and has said why on stderr, just above.
+        print("no test images to send (see the line above)", file=sys.stderr)
+        return 1
+    try:
+        sample = json.loads(text)
+        images = sample["inputs"]
+    except (ValueError, KeyError, TypeError):
+        print('expected {"inputs": [...], "labels": [...]} on stdin (from python -m trainer.sample)',
+              file=sys.stderr)
+        return 2
+    body = json.dumps({"inputs": images}).encode()
     request = urllib.request.Request(args.url, data=body, headers={"Content-Type": "application/json"})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             version = response.headers.get("X-Model-Version", "?")
             predictions = json.load(response)["predictions"]
+    except (ValueError, KeyError) as error:
+        print(f"{args.url} answered something other than MLflow predictions: {error}", file=sys.stderr)
+        return 1
     except urllib.error.HTTPError as error:
         print(f"{args.url} answered {error.code}: {error.read().decode(errors='replace')}", file=sys.stderr)
         return 1

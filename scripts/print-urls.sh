@@ -2,7 +2,8 @@
 # What `make up` prints once every service is healthy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-value() { grep -E "^$1=" .env | tail -n1 | cut -d= -f2-; }
+. scripts/dotenv.sh
+value() { printf '%s' "${!1:-}"; }
 bind=$(value BIND_ADDRESS); bind=${bind:-127.0.0.1}
 host=$bind; [ "$host" = 0.0.0.0 ] && host=$(hostname -f 2>/dev/null || hostname)
 cat <<MSG

@@ -145,13 +145,14 @@ def test_alias_move_swaps_without_failing_a_request(registry, make_app):
     for n in range(8):
         versions = [v for c, v, _, _ in results if c == n]
         assert versions == sorted(versions), f"client {n} went back to version 1"
-    # The header names the version that produced the answer.
+    # The header names the version that produced the answer. Answers scored in batches of
+    # different sizes may differ in the last bits of a float, never more.
     by_version = {}
     for _, version, _, predictions in results:
         by_version.setdefault(version, predictions)
-        assert predictions == by_version[version]
+        assert np.allclose(predictions, by_version[version], rtol=1e-5, atol=1e-9)
     assert set(by_version) == {"1", "2"}
-    assert by_version["1"] != by_version["2"]
+    assert not np.allclose(by_version["1"], by_version["2"], rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize(
