@@ -1,4 +1,4 @@
-"""The backup archive's manifest: what scripts/backup.sh writes and what a restore trusts.
+"""The backup archive's manifest: what tracking/backup.py writes and what a restore trusts.
 
 An archive holds manifest.json, manifest.json.hmac, tracking.dump, auth.dump and bucket.tar.
 The manifest lists every file's and every object's sha256, the row counts and the versions
@@ -6,11 +6,8 @@ that wrote it; manifest.json.hmac is an HMAC-SHA256 of the manifest's exact byte
 BACKUP_KEY. The checksums catch damage; only the HMAC catches an archive that was edited and
 re-checksummed.
 
-Standard library only: the host runs it (backup.sh, scripts/restore.py) and so does the
-mlflow image (bucket_archive.py applies the same rule to object headers).
-
-    BACKUP_KEY=... python3 backup_manifest.py write WORK PROJECT CREATED
-    python3 backup_manifest.py summary ARCHIVE MANIFEST
+Standard library only: the host runs it (backup.py, restore.py) and so does the mlflow
+image (bucket_archive.py applies the same rule to object headers).
 """
 
 from __future__ import annotations
@@ -18,9 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import os
 import re
-import sys
 import tarfile
 import zlib
 from pathlib import Path
@@ -93,7 +88,7 @@ def sha256_file(path: Path) -> str:
 
 
 def write(work: Path, project: str, created: str, key: str) -> None:
-    """manifest.json and manifest.json.hmac in WORK/archive, from what backup.sh left in
+    """manifest.json and manifest.json.hmac in WORK/archive, from what backup.py left in
     WORK: rows (table and row count per line, read from the dumps), postgres_version,
     tracking_schema, auth_schema and image.json (schema_info.py of the running image)."""
     archive = work / "archive"
@@ -216,23 +211,3 @@ def versions_line(manifest: dict) -> str:
     v = manifest["versions"]
     return (f"MLflow {v['mlflow']} (tracking schema {v['tracking_schema']}, auth schema {v['auth_schema']}), "
             f"PostgreSQL {v['postgres']}")
-
-
-def main() -> None:
-    command, args = (sys.argv[1], sys.argv[2:]) if len(sys.argv) > 1 else ("", [])
-    if command == "write" and len(args) == 3:
-        key = os.environ.get("BACKUP_KEY", "")
-        if not key:
-            raise SystemExit("BACKUP_KEY is not set: run 'make env' to add it to .env")
-        write(Path(args[0]), args[1], args[2], key)
-    elif command == "summary" and len(args) == 2:
-        archive, manifest = args[0], json.loads(Path(args[1]).read_text())
-        print(f"Wrote {archive} ({os.path.getsize(archive) / 1e6:.1f} MB)")
-        print(f"  {counts_line(manifest)}")
-        print(f"  made with {versions_line(manifest)}")
-    else:
-        raise SystemExit("usage: backup_manifest.py write WORK PROJECT CREATED | summary ARCHIVE MANIFEST")
-
-
-if __name__ == "__main__":
-    main()

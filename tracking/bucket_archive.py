@@ -10,8 +10,8 @@ are known to load (it adds and overwrites, never deletes), and prune only after 
 were swapped: it deletes every object the manifest does not list, then reads the whole bucket
 back against the manifest's checksums.
 
-S3 sits on the stack's internal network, out of the host's reach, so scripts/backup.sh and
-scripts/restore.py run this in a container and pipe the data through. The tar is only a
+S3 sits on the stack's internal network, out of the host's reach, so backup.py and
+restore.py run this in a container and pipe the data through. The tar is only a
 transport and is never unpacked to disk: keys stay exactly as S3 has them, `..` and all.
 """
 

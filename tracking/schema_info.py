@@ -3,7 +3,7 @@
     python -m tracking.schema_info
     {"mlflow": "3.17.2", "tracking_schema": {"head": ..., "known": [...]}, "auth_schema": {...}}
 
-scripts/backup.sh records the version in the manifest; scripts/restore.py refuses an archive
+backup.py records the version in the manifest; restore.py refuses an archive
 whose schema revision is not among `known`: a newer MLflow wrote it, and this one could
 neither read nor upgrade it.
 """
