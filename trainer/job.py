@@ -1,7 +1,8 @@
-"""The training job behind `python -m trainer`, top to bottom: check the flags; load the data; reach the tracking server; start
-a run; train and evaluate epoch by epoch with a checkpoint after each; log the served
-model and the evaluation artifacts; register a version; move the alias per policy; print
-the run URL, the version and whether it was promoted.
+"""The training job behind `python -m trainer`, top to bottom: check the flags; load the
+data; reach the tracking server; start a run; train and evaluate epoch by epoch with a
+checkpoint after each; log the served model and the evaluation artifacts; register a
+version; move the alias per policy; print the run URL, the version and whether it was
+promoted.
 """
 
 import os

@@ -15,14 +15,15 @@ import argparse
 import os
 import sys
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import mlflow
 from mlflow.tracking import MlflowClient
 
 import model_signatures
-from trainer import config as cfg, registry, tracking
+from trainer import config as cfg
+from trainer import registry, tracking
 
 EXIT_FAILED = 1
 EXIT_USAGE = 2
@@ -76,7 +77,7 @@ def parse(argv, environ):
 
 
 def created(timestamp_ms):
-    return datetime.fromtimestamp(timestamp_ms / 1000, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return datetime.fromtimestamp(timestamp_ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
 def list_versions(name, alias):

@@ -9,7 +9,7 @@ alias back to the version that held it before.
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import mlflow
 from mlflow.exceptions import MlflowException
@@ -33,7 +33,7 @@ def history_tag(alias):
 
 
 def now():
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def register(model_uri, name, run_id, tags):
