@@ -25,12 +25,10 @@ and bench/results/trainer.md.
 import argparse
 import json
 import os
-import platform
 import re
 import resource
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -39,7 +37,8 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench.common import signing_keys
+from bench import common
+from bench.common import log, signing_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -151,18 +150,8 @@ def run_role(args):
 # --- orchestration
 
 
-def log(message):
-    print(f"[bench {datetime.now():%H:%M:%S}] {message}", file=sys.stderr, flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(workdir):
-    port = free_port()
+    port = common.free_port()
     command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                "--workers", "2", "--backend-store-uri", f"sqlite:///{workdir}/mlflow.db",
                "--artifacts-destination", str(workdir / "artifacts")]
@@ -176,27 +165,9 @@ def start_server(workdir):
     try:
         tracking.connect(url, timeout_s=120, log=lambda *a, **k: None)
     except tracking.TrackingUnavailable:
-        stop_server(process)
+        common.stop_process(process)
         raise SystemExit(f"mlflow server did not come up; see {workdir / 'server.log'}") from None
     return process, url
-
-
-def stop_server(process):
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-def cpu_jiffies():
-    """(busy, total) CPU time of the whole machine, from /proc/stat."""
-    with open("/proc/stat") as f:
-        values = [int(v) for v in f.readline().split()[1:9]]
-    idle = values[3] + values[4]
-    return sum(values) - idle, sum(values)
 
 
 def children_jiffies():
@@ -204,28 +175,14 @@ def children_jiffies():
     return (usage.ru_utime + usage.ru_stime) * os.sysconf("SC_CLK_TCK")
 
 
-def wait_until_quiet(threshold, patience_s):
-    """Wait until other processes use less than `threshold` of the CPUs; return their share."""
-    deadline = time.monotonic() + patience_s
-    while True:
-        busy0, total0 = cpu_jiffies()
-        time.sleep(2)
-        busy1, total1 = cpu_jiffies()
-        share = (busy1 - busy0) / max(total1 - total0, 1)
-        if share < threshold or time.monotonic() > deadline:
-            if share >= threshold:
-                log(f"machine still {share:.0%} busy after {patience_s} s; measuring anyway")
-            return share
-
-
 def run(command, env, label, patience_s):
-    wait_until_quiet(QUIET_THRESHOLD, patience_s)
-    busy0, total0 = cpu_jiffies()
+    common.wait_until_quiet(QUIET_THRESHOLD, patience_s)
+    busy0, total0 = common.machine_jiffies()
     ours0 = children_jiffies()
     started = time.perf_counter()
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
     wall = time.perf_counter() - started
-    busy1, total1 = cpu_jiffies()
+    busy1, total1 = common.machine_jiffies()
     # CPU time spent by anything but the measured process (the tracking server included),
     # as a share of the machine: how much the measurement was disturbed.
     others = max(0.0, (busy1 - busy0) - (children_jiffies() - ours0)) / max(total1 - total0, 1)
@@ -235,7 +192,7 @@ def run(command, env, label, patience_s):
 
 
 def measure_role(role, data_dir, url, epochs, env, patience_s):
-    command = [sys.executable, str(Path(__file__).resolve()), "--role", role, "--data-dir", str(data_dir),
+    command = [sys.executable, "-m", "bench.trainer_bench", "--role", role, "--data-dir", str(data_dir),
                "--tracking-uri", url, "--epochs", str(epochs)]
     out, wall, others = run(command, env, role, patience_s)
     result = json.loads(out.strip().splitlines()[-1].removeprefix("RESULT "))
@@ -259,22 +216,13 @@ def measure_trainer(args, data_dir, env, patience_s):
 
 
 def machine():
-    import mlflow
     import torch
 
-    cpu = "unknown"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    with open("/proc/meminfo") as f:
-        mem_kb = int(f.readline().split()[1])
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "memory_gib": round(mem_kb / 2**20, 1),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "os": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "mlflow": mlflow.__version__, "load_average_at_start": os.getloadavg()}
+    info = common.machine()
+    info.update(torch_threads=torch.get_num_threads(), torch=info["packages"]["torch"],
+                mlflow=info["packages"]["mlflow"],
+                gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
+    return info
 
 
 def best_of(samples, key="images_per_sec"):
@@ -416,7 +364,7 @@ def main():
                                  args.quiet_patience)
         log(f"default recipe: {recipe['images_per_sec']:,.0f} images/s")
     finally:
-        stop_server(server)
+        common.stop_process(server)
         shutil.rmtree(workdir, ignore_errors=True)
 
     info["load_average_at_end"] = os.getloadavg()
