@@ -26,6 +26,13 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    from mlflow.entities.model_registry import ModelVersion
+    from model_signing import hashing
 
 SIGNATURE_FILE = "model.sig"
 PROVENANCE_FILE = "provenance.json"
@@ -42,7 +49,7 @@ class Refused(Exception):
     """A model that must not be loaded. `reason` is in our own words, fit for /status;
     `detail` (library messages, file names) is for the log only."""
 
-    def __init__(self, reason: str, detail: str = ""):
+    def __init__(self, reason: str, detail: str = "") -> None:
         super().__init__(reason)
         self.reason = reason
         self.detail = detail or reason
@@ -62,7 +69,7 @@ class Provenance:
 class PrivateKey:
     pem: bytes
 
-    def __repr__(self):  # never the key itself, wherever a Config is printed
+    def __repr__(self) -> str:  # never the key itself, wherever a Config is printed
         return "PrivateKey(<hidden>)"
 
 
@@ -71,7 +78,7 @@ class PublicKey:
     pem: bytes
 
 
-def logged_model_id(version) -> str | None:
+def logged_model_id(version: ModelVersion) -> str | None:
     """The logged model whose files a registered version serves: its model_id, or the id in
     its models:/<id> source (a version created from that URI without model_id)."""
     if getattr(version, "model_id", None):
@@ -92,14 +99,14 @@ def _pem_from_base64(text: str, name: str) -> bytes:
         raise KeyProblem(f"{name} is not valid: expected a PEM key as one base64 line") from None
 
 
-def _check_curve(key, name: str) -> None:
+def _check_curve(key: PrivateKey | PublicKey, name: str) -> None:
     from cryptography.hazmat.primitives.asymmetric import ec
 
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name not in CURVES:
         raise KeyProblem(f"{name} is not valid: expected an ECDSA key on P-256, P-384 or P-521")
 
 
-def private_key_from_env(environ, name: str = "MODEL_SIGNING_KEY") -> PrivateKey:
+def private_key_from_env(environ: Mapping[str, str], name: str = "MODEL_SIGNING_KEY") -> PrivateKey:
     from cryptography.hazmat.primitives import serialization
 
     pem = _pem_from_base64(environ.get(name, ""), name)
@@ -112,7 +119,7 @@ def private_key_from_env(environ, name: str = "MODEL_SIGNING_KEY") -> PrivateKey
     return PrivateKey(pem)
 
 
-def public_key_from_env(environ, name: str = "MODEL_SIGNING_PUBLIC_KEY") -> PublicKey:
+def public_key_from_env(environ: Mapping[str, str], name: str = "MODEL_SIGNING_PUBLIC_KEY") -> PublicKey:
     from cryptography.hazmat.primitives import serialization
 
     pem = _pem_from_base64(environ.get(name, ""), name)
@@ -124,7 +131,7 @@ def public_key_from_env(environ, name: str = "MODEL_SIGNING_PUBLIC_KEY") -> Publ
     return PublicKey(pem)
 
 
-def _hashing_config():
+def _hashing_config() -> hashing.Config:
     # The same on both sides, never taken from the signature: SHA-256 of every file,
     # symbolic links refused, nothing ignored but the signature itself (model-signing
     # would otherwise skip .git* paths).
@@ -145,7 +152,7 @@ def _key_file(directory: str, pem: bytes) -> str:
     return path
 
 
-def sign(model_dir, key: PrivateKey, provenance: Provenance) -> None:
+def sign(model_dir: str | Path, key: PrivateKey, provenance: Provenance) -> None:
     """Write provenance.json into model_dir, then model.sig over every file there."""
     from model_signing import signing
 
@@ -156,7 +163,7 @@ def sign(model_dir, key: PrivateKey, provenance: Provenance) -> None:
     config.set_hashing_config(_hashing_config()).sign(model_dir, model_dir / SIGNATURE_FILE)
 
 
-def check_loader(model_dir) -> None:
+def check_loader(model_dir: str | Path) -> None:
     """Refuse an MLmodel that asks for any loader but the trainer's: python_function through
     mlflow.pyfunc.model with a models-from-code file, no pickled model, no extra code paths."""
     import yaml
@@ -215,7 +222,7 @@ def _read_provenance(model_dir: Path) -> dict:
     return found
 
 
-def verify(model_dir, key: PublicKey, expected: Provenance) -> None:
+def verify(model_dir: str | Path, key: PublicKey, expected: Provenance) -> None:
     """Raise Refused unless model_dir is signed with `key`, unchanged since, made for
     `expected` (what the registry says about the version), and loads with our loader."""
     model_dir = Path(model_dir)
@@ -231,7 +238,8 @@ def verify(model_dir, key: PublicKey, expected: Provenance) -> None:
     check_loader(model_dir)
 
 
-def log_signed_model(save, name, registered_model, key: PrivateKey, run_id: str | None = None) -> str:
+def log_signed_model(save: Callable[[str], object], name: str, registered_model: str, key: PrivateKey,
+                     run_id: str | None = None) -> str:
     """Log a model whose files are signed before they leave this machine; return its URI.
 
     mlflow.pyfunc.log_model saves and uploads in one call, with no moment in between to

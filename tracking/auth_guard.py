@@ -25,11 +25,15 @@ from __future__ import annotations
 
 import json
 import os
+from typing import TYPE_CHECKING
 
 from flask import Response, g, request
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.server import auth
+
+if TYPE_CHECKING:
+    from werkzeug.datastructures import Authorization
 
 # The names MLflow 3.17's permission checks read from a request (`_get_request_param`); each
 # must hold one value.
@@ -46,7 +50,7 @@ _CREATE_PATHS = frozenset(f"/{prefix}/2.0/mlflow/{what}/create" for prefix in ("
 _CREATORS = frozenset(filter(None, (n.strip() for n in os.environ.get("MLFLOW_CREATORS", "").split(","))))
 
 
-def authenticate_request():
+def authenticate_request() -> Response | Authorization | None:
     """Named in the auth config's `authorization_function`."""
     credentials = request.authorization
     if credentials is None or credentials.type != "basic" or None in (credentials.username, credentials.password):
@@ -103,7 +107,7 @@ def _body_refusal() -> Response | None:
     return None
 
 
-def _parse(text) -> tuple[object, str | None]:
+def _parse(text: str) -> tuple[object, str | None]:
     try:
         return json.loads(text), None
     except RecursionError:

@@ -30,7 +30,7 @@ QUERY = 'psql -X -At -v ON_ERROR_STOP=1 -U "$POSTGRES_USER" -d "$1" -c "$2"'
 
 
 class Backup:
-    def __init__(self, stack: Stack, work: Path):
+    def __init__(self, stack: Stack, work: Path) -> None:
         self.stack, self.work = stack, work
         self.archive_dir = work / "archive"
         self.archive_dir.mkdir()

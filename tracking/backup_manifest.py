@@ -19,6 +19,7 @@ import re
 import tarfile
 import zlib
 from pathlib import Path
+from typing import IO
 
 FORMAT = 2
 MANIFEST = "manifest.json"
@@ -119,7 +120,7 @@ def write(work: Path, project: str, created: str, key: str) -> None:
 
 
 class _Hashing:
-    def __init__(self, stream):
+    def __init__(self, stream: IO[bytes]) -> None:
         self.stream, self.digest, self.size = stream, hashlib.sha256(), 0
 
     def read(self, size: int = -1) -> bytes:

@@ -13,6 +13,10 @@ from __future__ import annotations
 
 import json
 import os
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 DEFAULT_MAX_BODY_BYTES = 512 * 1024 * 1024
 
@@ -37,11 +41,11 @@ def _refusal(limit: int, declared: int | None) -> tuple[dict, bytes]:
 class BodyLimit:
     """Pure ASGI middleware: nothing is buffered, the app sees the same receive stream."""
 
-    def __init__(self, app, limit: int):
+    def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
         self.limit = limit
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = None
@@ -54,7 +58,7 @@ class BodyLimit:
         seen = 0
         started = False
 
-        async def counting_receive():
+        async def counting_receive() -> Message:
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
@@ -63,7 +67,7 @@ class BodyLimit:
                     raise BodyTooLarge()
             return message
 
-        async def tracking_send(message):
+        async def tracking_send(message: Message) -> None:
             nonlocal started
             started = started or message["type"] == "http.response.start"
             await send(message)
@@ -74,13 +78,13 @@ class BodyLimit:
             if not started:
                 await self._refuse(send, None)
 
-    async def _refuse(self, send, declared: int | None) -> None:
+    async def _refuse(self, send: Send, declared: int | None) -> None:
         start, body = _refusal(self.limit, declared)
         await send(start)
         await send({"type": "http.response.body", "body": body})
 
 
-def create_app():
+def create_app() -> ASGIApp:
     """The factory `mlflow server` hands to uvicorn, in every worker."""
     from mlflow.server.auth import create_app as basic_auth_app
 

@@ -23,6 +23,7 @@ import json
 import sys
 import tarfile
 import time
+from typing import IO, TYPE_CHECKING
 
 import boto3
 from botocore.config import Config
@@ -30,12 +31,15 @@ from botocore.config import Config
 from tracking import create_bucket, settings
 from tracking.backup_manifest import INDEX, OBJECTS, S3_HEADER, Refused, object_headers
 
+if TYPE_CHECKING:
+    from botocore.client import BaseClient as S3Client
+
 
 class HashingReader:
     """Hands reads through and hashes what went by. It has only read(), so boto3 treats it
     as the one-way stream it is and never tries to seek."""
 
-    def __init__(self, stream):
+    def __init__(self, stream: IO[bytes]) -> None:
         self.stream = stream
         self.digest = hashlib.sha256()
         self.size = 0
@@ -47,7 +51,7 @@ class HashingReader:
         return data
 
 
-def s3_client():
+def s3_client() -> S3Client:
     return boto3.client(
         "s3",
         endpoint_url=settings.optional("MLFLOW_S3_ENDPOINT_URL", "") or None,
@@ -58,21 +62,21 @@ def s3_client():
     )
 
 
-def list_keys(s3, bucket: str) -> list[str]:
+def list_keys(s3: S3Client, bucket: str) -> list[str]:
     keys = []
     for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
         keys += [item["Key"] for item in page.get("Contents", [])]
     return sorted(keys)
 
 
-def sha256_of(s3, bucket: str, key: str) -> str:
+def sha256_of(s3: S3Client, bucket: str, key: str) -> str:
     body = HashingReader(s3.get_object(Bucket=bucket, Key=key)["Body"])
     while body.read(1 << 20):
         pass
     return body.digest.hexdigest()
 
 
-def export(s3, bucket: str, out) -> None:
+def export(s3: S3Client, bucket: str, out: IO[bytes]) -> None:
     index = []
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for key in list_keys(s3, bucket):
@@ -101,7 +105,7 @@ def export(s3, bucket: str, out) -> None:
     settings.log(f"exported {len(index)} objects ({total} bytes) from bucket {bucket}")
 
 
-def upload(s3, bucket: str, source) -> None:
+def upload(s3: S3Client, bucket: str, source: IO[bytes]) -> None:
     create_bucket.main()  # a fresh S3 volume may not have the bucket yet
     uploaded: dict[str, str] = {}
     index = None
@@ -130,7 +134,7 @@ def upload(s3, bucket: str, source) -> None:
     settings.log(f"uploaded {len(uploaded)} objects into bucket {bucket}")
 
 
-def prune(s3, bucket: str, manifest) -> None:
+def prune(s3: S3Client, bucket: str, manifest: dict) -> None:
     expected = {item["key"]: item["sha256"] for item in json.load(manifest)["objects"]}
     stale = [key for key in list_keys(s3, bucket) if key not in expected]
     for start in range(0, len(stale), 1000):

@@ -45,7 +45,7 @@ def env_value(env_file: Path, name: str, default: str = "") -> str:
 
 
 class Stack:
-    def __init__(self, env_file: Path):
+    def __init__(self, env_file: Path) -> None:
         self.env_file = env_file
         self.project = env_value(env_file, "COMPOSE_PROJECT_NAME", "mlops")
         self.db = env_value(env_file, "POSTGRES_DB", "mlflow")

@@ -11,6 +11,7 @@ its limits by its own configuration; this only checks that the key reaches the b
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import boto3
@@ -19,8 +20,12 @@ from botocore.exceptions import ClientError, EndpointConnectionError
 
 from tracking import settings
 
+if TYPE_CHECKING:
+    from botocore.client import BaseClient as S3Client
 
-def s3_client(access_key_var: str = "AWS_ACCESS_KEY_ID", secret_key_var: str = "AWS_SECRET_ACCESS_KEY"):
+
+def s3_client(access_key_var: str = "AWS_ACCESS_KEY_ID",
+              secret_key_var: str = "AWS_SECRET_ACCESS_KEY") -> S3Client:
     return boto3.client(
         "s3",
         endpoint_url=settings.optional("MLFLOW_S3_ENDPOINT_URL", "") or None,
@@ -47,7 +52,7 @@ def bucket_policy(bucket: str) -> dict:
     }
 
 
-def ensure_bucket(s3, bucket: str, endpoint: str) -> None:
+def ensure_bucket(s3: S3Client, bucket: str, endpoint: str) -> None:
     deadline = time.monotonic() + 60
     while True:
         try:

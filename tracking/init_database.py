@@ -23,7 +23,7 @@ _OWNED_KINDS = {
 }
 
 
-def connect(database: str):
+def connect(database: str) -> psycopg2.extensions.connection:
     deadline = time.monotonic() + 120
     delay = 0.5
     while True:
@@ -38,7 +38,7 @@ def connect(database: str):
             delay = min(delay * 2, 5)
 
 
-def ensure_role(cur, role: str, password: str) -> None:
+def ensure_role(cur: psycopg2.extensions.cursor, role: str, password: str) -> None:
     cur.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,))
     if cur.fetchone() is None:
         settings.log(f"creating role {role}")
@@ -51,7 +51,7 @@ def ensure_role(cur, role: str, password: str) -> None:
     )
 
 
-def ensure_database(cur, name: str, owner: str) -> None:
+def ensure_database(cur: psycopg2.extensions.cursor, name: str, owner: str) -> None:
     cur.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
     if cur.fetchone() is None:
         settings.log(f"creating database {name}")

@@ -16,6 +16,7 @@ running `make up` is the whole procedure. Roles and grants are re-applied too.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException, RestException
@@ -23,8 +24,11 @@ from mlflow.server import get_app_client
 
 from tracking import settings
 
+if TYPE_CHECKING:
+    from mlflow.server.auth.client import AuthServiceClient
 
-def ensure_user(auth, username: str, password: str) -> None:
+
+def ensure_user(auth: AuthServiceClient, username: str, password: str) -> None:
     try:
         auth.get_user(username)
     except RestException:
@@ -34,7 +38,7 @@ def ensure_user(auth, username: str, password: str) -> None:
     auth.update_user_password(username, password)
 
 
-def ensure_grant(auth, username: str, resource_type: str, resource_id: str, permission: str) -> None:
+def ensure_grant(auth: AuthServiceClient, username: str, resource_type: str, resource_id: str, permission: str) -> None:
     """Grant, or correct a grant made earlier with another level; a no-op when it matches."""
     try:
         auth.grant_user_permission(username, resource_type, resource_id, permission)
@@ -51,7 +55,8 @@ WORKSPACE = "default"
 MODEL_READERS = ("stack-model-readers", [("run", "*", "DENY"), ("trace", "*", "DENY")])
 
 
-def ensure_role(auth, name: str, permissions: list[tuple[str, str, str]], members: list[str]) -> None:
+def ensure_role(auth: AuthServiceClient, name: str, permissions: list[tuple[str, str, str]],
+                members: list[str]) -> None:
     """A role in the default workspace with exactly `permissions`, held by `members`."""
     role = next((r for r in auth.list_roles(WORKSPACE) if r.name == name), None)
     if role is None:

@@ -35,10 +35,10 @@ from tracking.compose_stack import AUTH_DB, ROOT, STORES, Failed, Stack, env_val
 class Member:
     """One file of the archive, streamed out of the gzip and hashed on the way."""
 
-    def __init__(self, archive: Path, name: str):
+    def __init__(self, archive: Path, name: str) -> None:
         self.archive, self.name = archive, name
 
-    def __enter__(self):
+    def __enter__(self) -> Member:
         self.tar = tarfile.open(self.archive, "r|gz")
         for member in self.tar:
             if member.name == self.name:
@@ -46,7 +46,7 @@ class Member:
                 return self
         raise Failed(f"{self.name} is missing from {self.archive}")
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> None:
         self.tar.close()
 
     def pipe_into(self, process: subprocess.Popen) -> str:
@@ -70,7 +70,7 @@ def count_sql(tables: dict[str, str]) -> str:
 
 
 class Restore:
-    def __init__(self, stack: Stack, archive: Path, manifest: dict, backup_dir: Path):
+    def __init__(self, stack: Stack, archive: Path, manifest: dict, backup_dir: Path) -> None:
         self.stack, self.archive, self.manifest, self.backup_dir = stack, archive, manifest, backup_dir
         stamp = datetime.now(UTC).strftime("%Y%m%dt%H%M%Sz")
         self.stamp = stamp

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import warnings
+from typing import TYPE_CHECKING
 
 # Importing MLflow's server package warns about a module it uses; nothing a user can act on.
 warnings.filterwarnings("ignore", message=r"starlette\.middleware\.wsgi is deprecated")
@@ -23,8 +24,11 @@ from alembic.script import ScriptDirectory  # noqa: E402
 from mlflow.server.auth.db.utils import _get_alembic_config as auth_alembic_config  # noqa: E402
 from mlflow.store.db.utils import _get_alembic_config as tracking_alembic_config  # noqa: E402
 
+if TYPE_CHECKING:
+    from alembic.config import Config
 
-def revisions(config) -> dict:
+
+def revisions(config: Config) -> dict:
     script = ScriptDirectory.from_config(config)
     return {"head": script.get_current_head(), "known": sorted(r.revision for r in script.walk_revisions())}
 

@@ -12,7 +12,7 @@ from urllib.parse import quote
 
 
 class ConfigError(SystemExit):
-    def __init__(self, message: str):
+    def __init__(self, message: str) -> None:
         super().__init__(f"configuration error: {message}")
 
 
