@@ -104,6 +104,13 @@ def test_untracked_run_needs_no_signing_key():
     assert SIGNING_ENV["MODEL_SIGNING_KEY"][:40] not in repr(keyed) and "BEGIN" not in repr(keyed)
 
 
+def test_signing_key_is_read_from_the_environment_only():
+    # A flag would show the secret in `ps` and in shell history.
+    assert not [s.flag for s in config.SETTINGS if "KEY" in s.envvar or "key" in s.flag]
+    with pytest.raises(config.ConfigError, match="No such option '--signing-key'"):
+        config.parse(["--signing-key", "x"], environ={})
+
+
 def test_unknown_flag_is_one_line_and_status_2():
     result = run_cli("--epoch", "3")
     assert result.returncode == 2
@@ -113,9 +120,16 @@ def test_unknown_flag_is_one_line_and_status_2():
 def test_help_documents_every_flag_with_its_environment_variable():
     result = run_cli("--help")
     assert result.returncode == 0
-    for option in config.OPTIONS:
-        assert option.flag in result.stdout
-        assert option.env in result.stdout
+    for setting in config.SETTINGS:
+        assert setting.flag in result.stdout
+        assert setting.envvar in result.stdout
+
+
+def test_readme_flag_table_is_the_declared_one():
+    # Regenerate with `python -m trainer.config` when a flag changes.
+    readme = (ROOT / "trainer" / "README.md").read_text()
+    assert config.flag_table() in readme
+    assert config.flag_table().count("\n| `--") == len(config.SETTINGS)
 
 
 def test_cuda_requested_without_a_gpu_is_a_configuration_error(monkeypatch):

@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import model_signatures
-from trainer import config, data, models
+from trainer import config, data, registry_cli
 
 ROOT = Path(__file__).resolve().parents[3]
 EPOCHS, BATCH, LOG_EVERY = 2, 64, 2
@@ -65,9 +65,9 @@ def test_run_finished_with_every_flag_as_a_parameter(first):
     run = run_of(first)
     assert run.info.status == "FINISHED"
     params = run.data.params
-    for option in config.OPTIONS:
-        if option.dest not in ("no_tracking", "tracking_uri", "no_download"):
-            assert option.dest in params, option.dest
+    for setting in config.SETTINGS:
+        if setting.name not in ("no_tracking", "tracking_uri", "no_download"):
+            assert setting.name in params, setting.name
     assert params["epochs"] == "2" and params["arch"] == "small-cnn" and params["device"] == "cpu"
     assert params["train_samples"] == "512" and params["steps_per_epoch"] == str(STEPS_PER_EPOCH)
 
@@ -146,7 +146,7 @@ def test_sign_command_signs_a_version_logged_without_a_signature(client, first, 
     with pytest.raises(pytest.fail.Exception, match="refused: it is not signed"):
         verify(client, "1", public, tmp_path)
 
-    assert models.main(["sign", "1"]) == 0
+    assert registry_cli.main(["sign", "1"]) == 0
     assert capsys.readouterr().out.strip() == "fashion-mnist-cnn version 1 signed"
     verify(client, "1", public, tmp_path)
 
@@ -161,7 +161,7 @@ def test_sign_command_refuses_a_loader_other_than_the_trainers(client, first, ca
     client.create_registered_model("pickled")
     version = client.create_model_version("pickled", logged.model_uri).version
     capsys.readouterr()
-    assert models.main(["sign", str(version), "--model-name", "pickled"]) == 2
+    assert registry_cli.main(["sign", str(version), "--model-name", "pickled"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"version {version} not signed: it holds a pickled Python model" in err[0]
     files = mlflow.artifacts.download_artifacts(artifact_uri=client.get_model_version_download_uri("pickled", version),
@@ -171,8 +171,8 @@ def test_sign_command_refuses_a_loader_other_than_the_trainers(client, first, ca
 
 def test_sign_command_needs_the_private_key(client, first, monkeypatch, capsys):
     monkeypatch.delenv("MODEL_SIGNING_KEY")
-    assert models.main(["sign", "1"]) == 2
-    assert capsys.readouterr().err.strip() == ("python -m trainer.models: error: MODEL_SIGNING_KEY is not set; "
+    assert registry_cli.main(["sign", "1"]) == 2
+    assert capsys.readouterr().err.strip() == ("python -m trainer.registry_cli: error: MODEL_SIGNING_KEY is not set; "
                                                "run 'make env' (it writes the model signing key pair)")
 
 
