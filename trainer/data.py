@@ -1,4 +1,4 @@
-"""FashionMNIST as tensors: decoded once, batched by index, normalised on the device.
+"""FashionMNIST as tensors: decoded once, batched by index, standardised on the device.
 
 torchvision finds, downloads and decodes the IDX files; after that no PIL image or
 per-sample transform is involved. The uint8 images stay uint8 until a batch is cut, so
@@ -92,10 +92,13 @@ def take(split, limit):
     return split
 
 
-def normalise(images_uint8):
-    """uint8 [B, 28, 28] -> float32 [B, 1, 28, 28], standardised, on the images' device."""
+def standardise(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 28, 28] -> float32 [B, 1, 28, 28] with the training set's mean 0 and
+    deviation 1, channels-last, on the images' device."""
     x = images_uint8.unsqueeze(1).to(torch.float32)
-    return x.mul_(1.0 / (255.0 * STD)).sub_(MEAN / STD)
+    # One fused multiply-subtract instead of /255, -MEAN, /STD: three passes over the batch.
+    x = x.mul_(1.0 / (255.0 * STD)).sub_(MEAN / STD)
+    return x.contiguous(memory_format=torch.channels_last)
 
 
 def epoch_order(n, seed, epoch, device):

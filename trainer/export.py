@@ -33,8 +33,9 @@ EXAMPLE_IMAGES = 3
 REQUIREMENTS = ("mlflow", "torch", "numpy")
 
 
-class Standardised(nn.Module):
-    """[N, 1, 28, 28] intensities in [0, 1] -> [N, 10] class probabilities."""
+class ServedNetwork(nn.Module):
+    """[N, 1, 28, 28] intensities in [0, 1] -> [N, 10] class probabilities: the trained
+    network with the standardisation of data.standardise in front and a softmax behind."""
 
     def __init__(self, net):
         super().__init__()
@@ -53,7 +54,7 @@ def to_torchscript(model):
         # torch 2.15 marks TorchScript deprecated in favour of torch.export; the serving
         # contract is TorchScript because it loads with torch alone, and it still works.
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
-        return torch.jit.freeze(torch.jit.script(Standardised(net).eval()))
+        return torch.jit.freeze(torch.jit.script(ServedNetwork(net).eval()))
 
 
 def pip_requirements():
@@ -71,7 +72,7 @@ def log_served_model(model, test_split, arch, registered_model, key):
     with torch.inference_mode():
         probabilities = scripted(torch.from_numpy(example)).numpy()
         reference_model = copy.deepcopy(model).to("cpu", torch.float32).eval()
-        reference = torch.softmax(reference_model(data.normalise(test_split.images[:EXAMPLE_IMAGES].cpu())), 1).numpy()
+        reference = torch.softmax(reference_model(data.standardise(test_split.images[:EXAMPLE_IMAGES].cpu())), 1).numpy()
     # Freezing and scripting must not change what the model says.
     if not np.allclose(probabilities, reference, atol=1e-4):
         raise RuntimeError("the TorchScript export disagrees with the trained model")
