@@ -162,6 +162,8 @@ def run_tracked(conf: Config, device: torch.device, train_split: data.Split, tes
 
     with tracked_run(conf, uri, state, tags, resumed=bool(conf.resume_from)) as run:
         tracked(conf, "logging parameters", mlflow.log_params, params_of(conf, state, train_split, test_split))
+        tracking.log_datasets(train_split, test_split, data.raw_dir(conf.data_dir).resolve(), dataset_sha256,
+                              conf.outage_timeout)
         tracked(conf, "logging the model summary", mlflow.log_text,
                 architectures.summary(state.model, conf.arch), "model_summary.txt")
         evaluation = fit(state, train_split, test_split, conf, run.logger, run.stop,

@@ -10,14 +10,23 @@ import importlib.util
 import os
 import sys
 import time
+import warnings
 from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
+import mlflow.data
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+if TYPE_CHECKING:  # the registry commands use this module and need no torch
+    from trainer.data import Split
+
+# MLflow stores a dataset's digest in 36 characters; the full checksum goes in a tag.
+DATASET_DIGEST_CHARS = 32
 # Bounds for MLflow's own retries of every later request, unless the user set them:
 # its defaults (7 retries, factor 2, 120 s timeouts) hang a failing call silently for
 # minutes. Longer outages are waited for by during_run(), which says what it waits for.
@@ -192,6 +201,25 @@ def run_url(tracking_uri, experiment_id, run_id):
 
 def system_metrics_available():
     return importlib.util.find_spec("psutil") is not None
+
+
+def dataset(split: "Split", name: str, source: Path, sha256: str) -> mlflow.data.Dataset:
+    """The split as an MLflow dataset, shown in the run's Datasets section: its shape and
+    dtype, where it was read from, and the checksum of the files."""
+    with warnings.catch_warnings():
+        # A local path matches MLflow's local source under two schemes, "" and "file";
+        # it warns that it picked one, and either is this one.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        return mlflow.data.from_numpy(split.images.cpu().numpy(), targets=split.labels.cpu().numpy(),
+                                      source=str(source), name=name, digest=sha256[:DATASET_DIGEST_CHARS])
+
+
+def log_datasets(train: "Split", test: "Split", source: Path, sha256: str, outage_s: float) -> None:
+    """Log the training and the evaluation data, read from `source`, as inputs of the active run."""
+    for split, name, context in ((train, "fashion-mnist-train", "training"), (test, "fashion-mnist-test", "evaluation")):
+        logged = dataset(split, name, source, sha256)
+        during_run(f"logging the {context} dataset",
+                   partial(mlflow.log_input, logged, context=context, tags={"dataset_sha256": sha256}), outage_s)
 
 
 class MetricLogger:

@@ -82,6 +82,22 @@ def test_tags_record_dataset_device_and_registration(first):
     assert tags.get("git_commit") == tags.get("mlflow.source.git.commit")
 
 
+def test_train_and_test_data_are_the_runs_datasets(first):
+    sha256 = data.checksum(tags_data_dir(first))
+    logged = {}
+    for dataset_input in run_of(first).inputs.dataset_inputs:
+        tags = {tag.key: tag.value for tag in dataset_input.tags}
+        dataset = dataset_input.dataset
+        logged[tags["mlflow.data.context"]] = (dataset.name, dataset.digest, tags["dataset_sha256"],
+                                               json.loads(dataset.profile)["features_shape"],
+                                               json.loads(dataset.source)["uri"])
+    source = str((tags_data_dir(first) / "FashionMNIST" / "raw").resolve())
+    assert logged == {
+        "training": ("fashion-mnist-train", sha256[:32], sha256, [512, 28, 28], source),
+        "evaluation": ("fashion-mnist-test", sha256[:32], sha256, [256, 28, 28], source),
+    }
+
+
 def tags_data_dir(first):
     return Path(run_of(first).data.params["data_dir"])
 
