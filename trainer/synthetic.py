@@ -14,6 +14,7 @@ well above chance within an epoch or two of a few hundred images, yet not instan
 import argparse
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +28,11 @@ FILES = {
 }
 
 
-def raw_dir(data_dir):
+def raw_dir(data_dir: str | Path) -> Path:
     return Path(data_dir) / "FashionMNIST" / "raw"
 
 
-def class_patterns(rng):
+def class_patterns(rng: np.random.Generator) -> np.ndarray:
     """Ten 28x28 float patterns in [0, 1], each a sum of a few soft blobs."""
     yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32)
     patterns = np.zeros((NUM_CLASSES, IMAGE_SIZE, IMAGE_SIZE), np.float32)
@@ -44,7 +45,8 @@ def class_patterns(rng):
     return patterns
 
 
-def make_split(n, patterns, rng, chunk=10_000):
+def make_split(n: int, patterns: np.ndarray, rng: np.random.Generator,
+               chunk: int = 10_000) -> tuple[np.ndarray, np.ndarray]:
     labels = rng.integers(0, NUM_CLASSES, size=n, dtype=np.int64)
     images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
     # Chunks keep peak memory small at full size without a per-image Python loop.
@@ -62,7 +64,7 @@ def make_split(n, patterns, rng, chunk=10_000):
     return images, labels.astype(np.uint8)
 
 
-def write_idx(path, array):
+def write_idx(path: Path, array: np.ndarray) -> None:
     """IDX: big-endian magic (0, 0, type, ndim), big-endian dims, then raw bytes."""
     header = bytes([0, 0, IDX_UBYTE, array.ndim])
     header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
@@ -74,7 +76,7 @@ def write_idx(path, array):
     os.replace(tmp, path)
 
 
-def write_dataset(data_dir, train, test, seed=0):
+def write_dataset(data_dir: str | Path, train: int, test: int, seed: int = 0) -> Path:
     """Write train/test IDX files under DATA_DIR/FashionMNIST/raw and return that folder."""
     rng = np.random.default_rng(seed)
     patterns = class_patterns(rng)
@@ -88,14 +90,14 @@ def write_dataset(data_dir, train, test, seed=0):
     return out
 
 
-def positive_int(text):
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m trainer.synthetic",
         description="Write generated FashionMNIST-format IDX files for tests and benchmarks.",

@@ -21,7 +21,8 @@ def test_defaults_match_the_documented_contract():
     conf = config.parse([], environ={"MODEL_SIGNING_KEY": SIGNING_ENV["MODEL_SIGNING_KEY"]})
     assert (conf.epochs, conf.batch_size, conf.lr, conf.optimizer, conf.seed) == (10, 128, 0.001, "adamw", 42)
     assert (conf.arch, conf.device, conf.data_dir) == ("small-cnn", "auto", Path("./data"))
-    assert (conf.experiment_name, conf.model_name, conf.model_alias) == ("fashion-mnist", "fashion-mnist-cnn", "production")
+    assert (conf.experiment_name, conf.model_name, conf.model_alias) == (
+        "fashion-mnist", "fashion-mnist-cnn", "production")
     assert conf.promotion_policy == "if-better"
     assert (conf.max_train_samples, conf.max_test_samples, conf.tracking, conf.download) == (0, 0, True, True)
     assert conf.tracking_uri is None  # MLflow's own default applies
@@ -32,11 +33,15 @@ def test_environment_sets_defaults_and_flags_override_them():
                "TRAINER_SEED": "7", "TRAINER_DEVICE": "cpu", "TRAINER_ARCH": "quickstart", "DATA_DIR": "/data",
                "EXPERIMENT_NAME": "exp", "MODEL_NAME": "m", "MODEL_ALIAS": "staging", "PROMOTION_POLICY": "never",
                "TRAINER_MAX_TRAIN_SAMPLES": "100", "TRAINER_MAX_TEST_SAMPLES": "50", "TRAINER_LOG_EVERY": "5",
-               "TRAINER_CONNECT_TIMEOUT": "5", "MLFLOW_TRACKING_URI": "http://mlflow:5000", "TRAINER_NO_TRACKING": "yes"}
+               "TRAINER_CONNECT_TIMEOUT": "5", "MLFLOW_TRACKING_URI": "http://mlflow:5000",
+               "TRAINER_NO_TRACKING": "yes"}
     conf = config.parse([], environ=environ)
-    assert (conf.epochs, conf.batch_size, conf.lr, conf.optimizer, conf.seed, conf.device) == (3, 32, 0.01, "sgd", 7, "cpu")
-    assert (conf.arch, conf.data_dir, conf.experiment_name, conf.model_name) == ("quickstart", Path("/data"), "exp", "m")
-    assert (conf.model_alias, conf.promotion_policy, conf.log_every, conf.connect_timeout) == ("staging", "never", 5, 5.0)
+    assert (conf.epochs, conf.batch_size, conf.lr, conf.optimizer, conf.seed, conf.device) == (
+        3, 32, 0.01, "sgd", 7, "cpu")
+    assert (conf.arch, conf.data_dir, conf.experiment_name, conf.model_name) == (
+        "quickstart", Path("/data"), "exp", "m")
+    assert (conf.model_alias, conf.promotion_policy, conf.log_every, conf.connect_timeout) == (
+        "staging", "never", 5, 5.0)
     assert (conf.max_train_samples, conf.max_test_samples, conf.tracking) == (100, 50, False)
     assert conf.tracking_uri == "http://mlflow:5000"
     assert config.parse(["--epochs", "4", "--arch", "small-cnn"], environ=environ).epochs == 4

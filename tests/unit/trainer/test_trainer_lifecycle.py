@@ -6,12 +6,12 @@ import socket
 
 import mlflow
 import pytest
+from conftest import FAST
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
 from mlflow.tracking import MlflowClient
 
 from trainer import export, loop, tracking
-from conftest import FAST
 
 
 def only_run(store):

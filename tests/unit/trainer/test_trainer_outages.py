@@ -3,12 +3,12 @@ says so, loses nothing, and never leaves a run RUNNING while the server can be t
 
 import mlflow
 import pytest
+from conftest import FAST
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INTERNAL_ERROR, INVALID_PARAMETER_VALUE
 from mlflow.tracking import MlflowClient
 
 from trainer import tracking
-from conftest import FAST
 
 
 @pytest.fixture(autouse=True)

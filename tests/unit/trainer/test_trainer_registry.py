@@ -92,7 +92,8 @@ def test_promote_and_rollback_walk_the_history(client, capsys):
     for accuracy in (0.7, 0.8, 0.9):
         registry.promote_by_policy(NAME, ALIAS, add_version(client, accuracy), "if-better")
     assert cli(capsys, "promote", "1")[:2] == (0, "fashion-mnist-cnn@production -> version 1 (was version 3)\n")
-    assert cli(capsys, "rollback")[:2] == (0, "fashion-mnist-cnn@production -> version 3 (rolled back from version 1)\n")
+    assert cli(capsys, "rollback")[:2] == (
+        0, "fashion-mnist-cnn@production -> version 3 (rolled back from version 1)\n")
     assert cli(capsys, "rollback")[1] == "fashion-mnist-cnn@production -> version 2 (rolled back from version 3)\n"
     assert cli(capsys, "rollback")[1] == "fashion-mnist-cnn@production -> version 1 (rolled back from version 2)\n"
     code, out, err = cli(capsys, "rollback")

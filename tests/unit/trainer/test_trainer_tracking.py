@@ -26,6 +26,7 @@ STEPS_PER_EPOCH = 8  # 512 generated training images / batch 64
 def first(tmp_path_factory, data_dir, empty_store):
     """One tracked run of 2 epochs in a fresh store, shared by the contract tests."""
     from conftest import Result, fresh_store
+
     from trainer.__main__ import main
 
     root = tmp_path_factory.mktemp("store")
