@@ -10,10 +10,11 @@ import math
 import os
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 from click.core import ParameterSource
@@ -157,7 +158,7 @@ class FiniteRange(click.FloatRange):
 def accepted(kind: click.ParamType) -> str:
     """What a value of this type must be, in the words of the error line."""
     if isinstance(kind, click.IntRange):
-        return f"an integer from {kind.min} to {kind.max}"
+        return f"an integer from {kind.min} to {kind.max}" if kind.max is not None else f"an integer from {kind.min}"
     if isinstance(kind, click.FloatRange):
         return f"a number in {'(' if kind.min_open else '['}{kind.min:g}, {kind.max:g}]"
     if isinstance(kind, click.Choice):
@@ -174,6 +175,8 @@ class OneLine:
     def process_value(self, ctx: click.Context, value: Any) -> Any:
         try:
             return super().process_value(ctx, value)  # type: ignore[misc]
+        except click.MissingParameter:
+            raise  # click's own line names what is missing
         except click.BadParameter as error:
             must = error.message if isinstance(self.type, Checked | Directory) else accepted(self.type)
             raise ConfigError(f"{self.source(ctx)} must be {must}, got {value!r}") from None
@@ -186,7 +189,7 @@ class Setting(OneLine, click.Option):
     """A flag with its environment variable, read from the mapping in ctx.obj so that
     tests can pass their own environment."""
 
-    def __init__(self, flag: str, envvar: str, help: str, **kwargs: Any) -> None:
+    def __init__(self, flag: str, envvar: str | None, help: str, **kwargs: Any) -> None:
         kwargs.setdefault("show_default", True)
         super().__init__([flag], envvar=envvar, help=help, show_envvar=True, **kwargs)
 
@@ -202,7 +205,7 @@ class Setting(OneLine, click.Option):
     def resolve_envvar_value(self, ctx: click.Context) -> str | None:
         environ = ctx.obj if isinstance(ctx.obj, Mapping) else os.environ
         # An empty variable counts as unset, as compose passes `NAME=` for a blank .env line.
-        return environ.get(self.envvar) or None
+        return (environ.get(self.envvar) or None) if self.envvar else None
 
 
 class Positional(OneLine, click.Argument):
@@ -225,6 +228,8 @@ MODEL_ALIAS_SETTING = Setting("--model-alias", "MODEL_ALIAS", default="productio
                               help="alias that the serving container follows",
                               type=Matching("alias", ALIAS, "letters, digits, '_' or '-', not 'latest' or 'v<N>'",
                                             reserved=RESERVED_ALIAS))
+DATA_DIR = Setting("--data-dir", "DATA_DIR", type=Directory(), default="./data",
+                   help="FashionMNIST cache; torchvision's layout, DATA_DIR/FashionMNIST/raw")
 CONNECT_TIMEOUT = Setting("--connect-timeout", "TRAINER_CONNECT_TIMEOUT", type=FiniteRange(0, 3600), default=60,
                           help="seconds to keep retrying an unreachable tracking server")
 
@@ -244,8 +249,7 @@ SETTINGS: tuple[Setting, ...] = (
             help="small-cnn (2 conv + batch norm + pooling) or the quickstart's CNN"),
     Setting("--device", "TRAINER_DEVICE", type=click.Choice(DEVICES), default="auto",
             help="auto picks cuda when present"),
-    Setting("--data-dir", "DATA_DIR", type=Directory(), default="./data",
-            help="FashionMNIST cache; torchvision's layout, DATA_DIR/FashionMNIST/raw"),
+    DATA_DIR,
     Setting("--no-download", "TRAINER_NO_DOWNLOAD", is_flag=True, default=False,
             help="never download; fail with the list of files to place instead"),
     Setting("--max-train-samples", "TRAINER_MAX_TRAIN_SAMPLES", type=click.IntRange(0, 10_000_000), default=0,
@@ -315,19 +319,28 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     return Config(**values)
 
 
-def fail(prog: str, error: ConfigError) -> NoReturn:
-    print(f"{prog}: error: {error}", file=sys.stderr)
-    sys.exit(2)
-
-
-def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
-    """Parse flags or exit: status 0 after --help, 2 with one line on stderr for a bad value."""
+@contextmanager
+def exit_on_bad_input(prog: str) -> Iterator[None]:
+    """Exit 0 after --help, and 2 with one line on stderr for a bad value: never a traceback."""
     try:
-        return parse(argv, environ)
+        yield
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
     except ConfigError as error:
-        fail(PROG, error)
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """The checked Config of `python -m trainer`, or exit as exit_on_bad_input says."""
+    with exit_on_bad_input(PROG):
+        return parse(argv, environ)
+
+
+def options(command: click.Command, prog: str, argv: Sequence[str] | None) -> dict[str, Any]:
+    """The values of a small tool's flags, from argv and the environment, or exit as load() does."""
+    with exit_on_bad_input(prog):
+        return dict(parse_args(command, prog, argv, os.environ).params)
 
 
 def flag_table() -> str:

@@ -2,7 +2,7 @@
 
 Tests and the benchmark run where the real dataset cannot be downloaded. The files land
 where torchvision's ``FashionMNIST(root=DIR)`` looks for them, so the trainer reads them
-through exactly the same path as the real data. Only numpy is needed.
+through exactly the same path as the real data. Only numpy and click are needed.
 
     python -m trainer.synthetic --data-dir DIR --train 60000 --test 10000
 
@@ -11,13 +11,15 @@ a random brightness, a shift of up to two pixels and pixel noise. A small CNN le
 well above chance within an epoch or two of a few hundred images, yet not instantly.
 """
 
-import argparse
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+import click
 import numpy as np
+
+from trainer import config
 
 IMAGE_SIZE = 28
 NUM_CLASSES = 10
@@ -90,25 +92,22 @@ def write_dataset(data_dir: str | Path, train: int, test: int, seed: int = 0) ->
     return out
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+PROG = "python -m trainer.synthetic"
+COMMAND = click.Command(
+    "synthetic", help="Write generated FashionMNIST-format IDX files for tests and benchmarks.",
+    context_settings=config.CONTEXT, params=[
+        config.Setting("--data-dir", None, type=config.Directory(), required=True,
+                       help="root that FashionMNIST(root=...) is given"),
+        config.Setting("--train", None, type=click.IntRange(1, 10_000_000), default=600, help="training images"),
+        config.Setting("--test", None, type=click.IntRange(1, 10_000_000), default=200, help="test images"),
+        config.Setting("--seed", None, type=click.IntRange(0, 2**32 - 1), default=0, help="generator seed"),
+    ])
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m trainer.synthetic",
-        description="Write generated FashionMNIST-format IDX files for tests and benchmarks.",
-    )
-    parser.add_argument("--data-dir", required=True, help="root that FashionMNIST(root=...) is given")
-    parser.add_argument("--train", type=positive_int, default=600, help="training images (default 600)")
-    parser.add_argument("--test", type=positive_int, default=200, help="test images (default 200)")
-    parser.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    args = parser.parse_args(argv)
-    out = write_dataset(args.data_dir, args.train, args.test, args.seed)
-    print(f"wrote {args.train} train and {args.test} test images to {out}")
+    args = config.options(COMMAND, PROG, argv)
+    out = write_dataset(args["data_dir"], args["train"], args["test"], args["seed"])
+    print(f"wrote {args['train']} train and {args['test']} test images to {out}")
     return 0
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import SIGNING_ENV
 
-from trainer import config
+from trainer import config, sample, synthetic
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -146,3 +146,16 @@ def test_cuda_requested_without_a_gpu_is_a_configuration_error(monkeypatch):
     with pytest.raises(config.ConfigError, match="--device is 'cuda' but PyTorch sees no CUDA device"):
         loop.pick_device("cuda")
     assert loop.pick_device("auto").type == "cpu"
+
+
+@pytest.mark.parametrize("module, args, expected", [
+    (synthetic, ["--train", "0"], "python -m trainer.synthetic: error: --train must be an integer from 1 to 10000000, "
+                                  "got '0'"),
+    (sample, ["--count", "0"], "python -m trainer.sample: error: --count must be an integer from 1 to 10000, got '0'"),
+])
+def test_the_data_tools_answer_a_bad_value_with_one_line(module, args, expected, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--data-dir", str(tmp_path), *args])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [expected]
+    assert list(tmp_path.iterdir()) == []
