@@ -102,22 +102,25 @@ def tracked_run(conf: Config, tracking_uri: str, state: loop.TrainingState, tags
         run = TrackedRun(run_id, url, stop, tracking.MetricLogger(run_id, outage_s=conf.outage_timeout),
                          checkpoints.Uploads(run_id, outage_s=conf.outage_timeout),
                          checkpointed_step=state.progress.global_step if resumed else -1)
-        status = "FAILED"
+        status, at_once = "FAILED", False
         try:
             yield run
             status = "FINISHED"
         except loop.StopRequested:
             status = "KILLED"
             run.save_before_stopping(state, conf)
-            say(f"stopped by {stop.received} at global step {state.progress.global_step}; "
-                f"continue with --resume-from {run_id}")
-            say(f"run: {url}\nversion: none\npromoted: no (stopped by {stop.received})")
-            run.stopped_status = EXIT_SIGNAL[stop.received]
         except KeyboardInterrupt:
-            status = "KILLED"
-            warn(f"stopped at once; run {url} marked KILLED")
-            run.stopped_status = EXIT_SIGNAL["SIGINT"]
+            status, at_once = "KILLED", True
         finally:
             tracking.end_run(status, conf.outage_timeout)
             if status == "FAILED":
                 warn(f"run {url} marked FAILED")
+    # Only a stopped or finished run gets here; a failed one has raised.
+    if at_once:
+        warn(f"stopped at once; run {url} marked KILLED")
+        run.stopped_status = EXIT_SIGNAL["SIGINT"]
+    elif status == "KILLED":
+        say(f"stopped by {stop.received} at global step {state.progress.global_step}; "
+            f"continue with --resume-from {run_id}")
+        say(f"run: {url}\nversion: none\npromoted: no (stopped by {stop.received})")
+        run.stopped_status = EXIT_SIGNAL[stop.received]
