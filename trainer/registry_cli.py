@@ -84,7 +84,8 @@ def sign_command(version: str, tracking_uri: str | None, model_name: str, model_
 
 CLI = click.Group("registry", commands=[list_command, promote_command, rollback_command, sign_command],
                   help="Registered versions of the trained model and its serving alias.",
-                  context_settings=config.CONTEXT)
+                  # Without a command: one line saying so, not the help text as an error.
+                  no_args_is_help=False, context_settings=config.CONTEXT)
 
 
 def created(timestamp_ms: int) -> str:

@@ -122,3 +122,12 @@ def test_unknown_version_exits_2_with_one_line(client, capsys):
 def test_unknown_model_is_a_clear_error(store, capsys):
     code, _, err = cli(capsys, "list", "--model-name", "nothing-here")
     assert code == 2 and "no registered model named 'nothing-here'" in err
+
+
+@pytest.mark.parametrize("args, expected", [((), "Missing command."), (("promote",), "Missing argument 'VERSION'."),
+                                            (("list", "--model-alias", "latest"), "--model-alias must be letters")])
+def test_incomplete_or_bad_commands_are_one_line_and_contact_nothing(args, expected, capsys, monkeypatch):
+    monkeypatch.setattr(registry_cli, "connect", lambda *a: pytest.fail("contacted the tracking server"))
+    code, out, err = cli(capsys, *args)
+    assert (code, out) == (2, "")
+    assert len(err.splitlines()) == 1 and err.startswith(f"python -m trainer.registry_cli: error: {expected}")
