@@ -54,18 +54,18 @@ predict: ## Send real test images to the serving endpoint and print the predicte
 	  | scripts/predict.py --url "http://127.0.0.1:$(or $(call env_value,SERVING_PORT),5001)/invocations"
 
 models: ## Table of registered versions: run, eval accuracy, created, alias holder
-	@$(COMPOSE) run --rm --no-deps -T --entrypoint python trainer -m trainer.models list
+	@$(COMPOSE) run --rm --no-deps -T --entrypoint python trainer -m trainer.registry_cli list
 
 promote: ## Point the alias at a version: make promote VERSION=3
 	@test -n "$(VERSION)" || { echo "usage: make promote VERSION=<n>"; exit 2; }
-	@$(COMPOSE) run --rm --no-deps -T --entrypoint python trainer -m trainer.models promote $(VERSION)
+	@$(COMPOSE) run --rm --no-deps -T --entrypoint python trainer -m trainer.registry_cli promote $(VERSION)
 
 sign: ## Sign a version logged before models were signed, vouching for its files: make sign VERSION=3
 	@test -n "$(VERSION)" || { echo "usage: make sign VERSION=<n>"; exit 2; }
-	@$(COMPOSE) run --rm --no-deps -T --entrypoint python trainer -m trainer.models sign $(VERSION)
+	@$(COMPOSE) run --rm --no-deps -T --entrypoint python trainer -m trainer.registry_cli sign $(VERSION)
 
 rollback: ## Move the alias back to the version that held it before
-	@$(COMPOSE) run --rm --no-deps -T --entrypoint python trainer -m trainer.models rollback
+	@$(COMPOSE) run --rm --no-deps -T --entrypoint python trainer -m trainer.registry_cli rollback
 
 logs: ## Follow the logs of every service (SERVICE=mlflow for one)
 	@$(COMPOSE) logs -f --tail 100 $(SERVICE)

@@ -121,7 +121,7 @@ def compute_bound(data_dir, epochs):
     from trainer import architectures, data, loop
 
     train, _ = data.load(data_dir, download=False)
-    batches = [(loop.standardise(train.images[i:i + BATCH_SIZE]), train.labels[i:i + BATCH_SIZE])
+    batches = [(data.standardise(train.images[i:i + BATCH_SIZE]), train.labels[i:i + BATCH_SIZE])
                for i in range(0, len(train), BATCH_SIZE)]
     torch.manual_seed(0)
     model = loop.prepare(architectures.build("quickstart"), torch.device("cpu"))

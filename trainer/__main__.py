@@ -2,11 +2,12 @@
 apply the promotion policy. `python -m trainer --help` lists every flag."""
 
 import sys
+from collections.abc import Sequence
 
 from trainer import config
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     conf = config.load(argv)
     # Imported after the flags are checked: --help and a typo answer in a blink instead
     # of after loading torch and mlflow.

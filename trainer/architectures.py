@@ -1,5 +1,7 @@
 """The networks `--arch` selects. Both take standardised [B, 1, 28, 28] and return logits."""
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -15,7 +17,7 @@ class SmallCNN(nn.Module):
     about 2 MFLOPs per image, close to the quickstart CNN, so it trains as fast on a CPU.
     """
 
-    def __init__(self, num_classes=10):
+    def __init__(self, num_classes: int = 10) -> None:
         super().__init__()
         self.features = nn.Sequential(
             nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
@@ -25,11 +27,11 @@ class SmallCNN(nn.Module):
             nn.Flatten(), nn.Linear(32 * 7 * 7, 64), nn.ReLU(), nn.Dropout(0.25), nn.Linear(64, num_classes),
         )
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
 
 
-def quickstart_cnn(num_classes=10):
+def quickstart_cnn(num_classes: int = 10) -> nn.Module:
     """MLflow's PyTorch quickstart CNN, kept for comparison: Conv2d(1,8,3)-ReLU-
     Conv2d(8,16,3)-ReLU-Flatten-Linear(9216,10). The quickstart reports about 0.77 eval
     accuracy after 3 epochs of SGD at lr 1e-3, batch 64."""
@@ -41,17 +43,17 @@ def quickstart_cnn(num_classes=10):
     )
 
 
-BUILDERS = {"small-cnn": SmallCNN, "quickstart": quickstart_cnn}
+BUILDERS: dict[str, Callable[[], nn.Module]] = {"small-cnn": SmallCNN, "quickstart": quickstart_cnn}
 
 
-def build(arch):
+def build(arch: str) -> nn.Module:
     return BUILDERS[arch]()
 
 
-def summary(model, arch):
+def summary(model: nn.Module, arch: str) -> str:
     """A plain-text model summary: layers, output shapes and parameter counts."""
     lines = [f"architecture: {arch}", "", f"{'layer':<34}{'output shape':<22}{'parameters':>12}"]
-    shapes = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     hooks = [module.register_forward_hook(lambda m, i, o, name=name: shapes.__setitem__(name, tuple(o.shape)))
              for name, module in model.named_modules() if not list(module.children())]
     was_training = model.training

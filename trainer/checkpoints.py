@@ -9,16 +9,18 @@ from that global step, so the stopped run keeps its honest KILLED or FAILED stat
 import re
 import shutil
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
 from trainer import tracking
-from trainer.loop import Progress
+from trainer.config import Config
+from trainer.loop import Progress, TrainingState
 
 ARTIFACT_DIR = "checkpoints"
 NAME = re.compile(r"epoch-(\d+)-step-(\d+)\.pt$")
@@ -29,7 +31,11 @@ class CheckpointError(Exception):
     pass
 
 
-def state(model, optimizer, progress, config):
+Checkpoint = dict[str, Any]
+
+
+def state(training: TrainingState, config: Config) -> Checkpoint:
+    progress = training.progress
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     return {
         "format": FORMAT,
@@ -37,8 +43,8 @@ def state(model, optimizer, progress, config):
         "optimizer_name": config.optimizer,
         "seed": config.seed,
         "batch_size": config.batch_size,
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
+        "model": training.model.state_dict(),
+        "optimizer": training.optimizer.state_dict(),
         "epoch": progress.epoch,
         "step_in_epoch": progress.step_in_epoch,
         "global_step": progress.global_step,
@@ -56,22 +62,23 @@ class Uploads:
     tracking server, overlaps with the next epoch. wait() surfaces any failed upload.
     """
 
-    def __init__(self, run_id, client=None, outage_s=300.0):
+    def __init__(self, run_id: str, client: MlflowClient | None = None, outage_s: float = 300.0) -> None:
         self.run_id = run_id
         self.client = client or MlflowClient()
         self.outage_s = outage_s
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-upload")
-        self.pending = []
+        self.pending: list[Future[None]] = []
 
-    def save(self, model, optimizer, progress, config):
+    def save(self, training: TrainingState, config: Config) -> str:
         """Snapshot the training state, queue its upload, return its artifact path."""
+        progress = training.progress
         name = f"epoch-{progress.epoch:03d}-step-{progress.global_step:09d}.pt"
         folder = Path(tempfile.mkdtemp(prefix="checkpoint-"))
-        torch.save(state(model, optimizer, progress, config), folder / name)
+        torch.save(state(training, config), folder / name)
         self.pending.append(self.executor.submit(self._upload, folder, name))
         return f"{ARTIFACT_DIR}/{name}"
 
-    def _upload(self, folder, name):
+    def _upload(self, folder: Path, name: str) -> None:
         try:
             # The client, not the fluent API: the active run is thread-local. Retried here,
             # in the background, so an S3 or server restart does not stop training.
@@ -81,13 +88,13 @@ class Uploads:
         finally:
             shutil.rmtree(folder, ignore_errors=True)
 
-    def wait(self):
+    def wait(self) -> None:
         pending, self.pending = self.pending, []
         for upload in pending:
             upload.result()
 
 
-def latest(run_id, client=None):
+def latest(run_id: str, client: MlflowClient | None = None) -> str:
     """Artifact path of the highest-step checkpoint of run_id."""
     client = client or MlflowClient()
     found = []
@@ -100,7 +107,7 @@ def latest(run_id, client=None):
     return max(found)[1]
 
 
-def download(run_id, client=None):
+def download(run_id: str, client: MlflowClient | None = None) -> tuple[Checkpoint, str]:
     """Fetch and load the latest checkpoint of run_id; return (checkpoint, artifact path)."""
     client = client or MlflowClient()
     try:
@@ -117,7 +124,7 @@ def download(run_id, client=None):
     return checkpoint, path
 
 
-def check_compatible(checkpoint, config):
+def check_compatible(checkpoint: Checkpoint, config: Config) -> None:
     for key, flag, value in (("arch", "--arch", config.arch), ("optimizer_name", "--optimizer", config.optimizer)):
         if checkpoint[key] != value:
             raise CheckpointError(
@@ -136,12 +143,12 @@ def check_compatible(checkpoint, config):
             f"pass --epochs above {checkpoint['epoch']} to train further")
 
 
-def restore(checkpoint, model, optimizer):
-    """Load weights, optimizer and RNG state; return the Progress to continue from."""
-    model.load_state_dict(checkpoint["model"])
-    optimizer.load_state_dict(checkpoint["optimizer"])
+def restore(checkpoint: Checkpoint, training: TrainingState) -> None:
+    """Load weights, optimizer, progress and RNG state into `training`, to continue from there."""
+    training.model.load_state_dict(checkpoint["model"])
+    training.optimizer.load_state_dict(checkpoint["optimizer"])
     torch.set_rng_state(checkpoint["rng_cpu"])
     if checkpoint["rng_cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(checkpoint["rng_cuda"])
-    return Progress(epoch=checkpoint["epoch"], step_in_epoch=checkpoint["step_in_epoch"],
-                    global_step=checkpoint["global_step"])
+    training.progress = Progress(epoch=checkpoint["epoch"], step_in_epoch=checkpoint["step_in_epoch"],
+                                 global_step=checkpoint["global_step"])

@@ -1,19 +1,27 @@
 """Flags of `python -m trainer`, each defaulting to an environment variable.
 
-Compose passes settings as environment variables and a laptop user passes flags; both go
-through the same checks. Every value is checked before MLflow is contacted, so a typo
-costs one line on stderr and exit status 2, never a half-made run.
+Compose passes settings as environment variables and a laptop user passes flags; click
+declares both once, in SETTINGS. Every value is checked before MLflow is contacted, so a
+typo costs one line on stderr and exit status 2, never a half-made run.
+`python -m trainer.config` prints the flag table of trainer/README.md.
 """
 
-import argparse
+import math
 import os
 import re
 import sys
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
 
 import model_signatures
 
+PROG = "python -m trainer"
 ARCHITECTURES = ("small-cnn", "quickstart")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
@@ -26,6 +34,7 @@ RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 MODEL_NAME = re.compile(r"^[^/:\s][^/:]{0,254}$")
 ALIAS = re.compile(r"^[\w-]{1,255}$")
 RESERVED_ALIAS = re.compile(r"^(latest|[vV]\d+)$", re.IGNORECASE)
+SCHEME = re.compile(r"^([A-Za-z][\w+.-]*):")
 
 
 class ConfigError(Exception):
@@ -61,248 +70,291 @@ class Config:
     signing_key: model_signatures.PrivateKey | None = None
 
 
-# Each checker turns text into a value or raises ConfigError with the accepted range,
-# which is also what --help shows.
+# Types click lacks. Each fails with the accepted range, which the error line and the
+# README table both show.
 
 
-def integer(low, high):
-    def check(text):
+class Checked(click.ParamType):
+    """Text accepted by `check`, which returns the value or None when it is refused."""
+
+    def __init__(self, name: str, accepted: str, optional: bool = False) -> None:
+        self.name = name
+        self.accepted = accepted
+        self.optional = optional
+
+    def check(self, text: str) -> Any:
+        raise NotImplementedError
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value is None or (self.optional and value == ""):
+            return None
+        checked = self.check(str(value))
+        if checked is None:
+            self.fail(self.accepted, param, ctx)
+        return checked
+
+
+class Matching(Checked):
+    def __init__(self, name: str, pattern: re.Pattern[str], accepted: str, reserved: re.Pattern[str] | None = None,
+                 optional: bool = False) -> None:
+        super().__init__(name, accepted, optional)
+        self.pattern, self.reserved = pattern, reserved
+
+    def check(self, text: str) -> str | None:
+        refused = not self.pattern.match(text) or (self.reserved is not None and self.reserved.match(text))
+        return None if refused else text
+
+
+class Name(Checked):
+    def __init__(self, limit: int, optional: bool = False) -> None:
+        super().__init__("name", f"a non-empty name of at most {limit} characters", optional)
+        self.limit = limit
+
+    def check(self, text: str) -> str | None:
+        return text if text.strip() and len(text) <= self.limit else None
+
+
+class TrackingUri(Checked):
+    def __init__(self) -> None:
+        super().__init__("uri", "a tracking URI (" + ", ".join(s + ":" for s in TRACKING_SCHEMES) + ")",
+                         optional=True)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        text = super().convert(value, param, ctx)
+        if text is not None and re.match(r"^https?:", text) and not re.match(r"^https?://[^/\s]+", text):
+            self.fail("a tracking URI such as http://host:5000", param, ctx)
+        return text
+
+    def check(self, text: str) -> str | None:
+        scheme = SCHEME.match(text)
+        known = scheme is None or scheme.group(1).lower().split("+", 1)[0] in TRACKING_SCHEMES
+        return text if known else None
+
+
+class Directory(click.Path):
+    accepted = "a directory path"
+
+    def __init__(self) -> None:
+        super().__init__(file_okay=False, path_type=Path)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if not str(value).strip():
+            self.fail(self.accepted, param, ctx)
+        if Path(value).expanduser().is_file():
+            self.fail("a directory path (this path is a file)", param, ctx)
+        return super().convert(Path(value).expanduser(), param, ctx)
+
+
+class FiniteRange(click.FloatRange):
+    """click's FloatRange lets NaN through: no comparison with NaN is true."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail("not a finite number", param, ctx)
+        return number
+
+
+def accepted(kind: click.ParamType) -> str:
+    """What a value of this type must be, in the words of the error line."""
+    if isinstance(kind, click.IntRange):
+        return f"an integer from {kind.min} to {kind.max}" if kind.max is not None else f"an integer from {kind.min}"
+    if isinstance(kind, click.FloatRange):
+        return f"a number in {'(' if kind.min_open else '['}{kind.min:g}, {kind.max:g}]"
+    if isinstance(kind, click.Choice):
+        return "one of " + ", ".join(map(str, kind.choices))
+    if isinstance(kind, click.types.BoolParamType):
+        return "a boolean (1/0, true/false, yes/no, on/off)"
+    return getattr(kind, "accepted", kind.name)
+
+
+class OneLine:
+    """A refused value becomes one line naming the flag, the variable it came from, the
+    accepted range and the value given."""
+
+    def process_value(self, ctx: click.Context, value: Any) -> Any:
         try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or not low <= value <= high:
-            raise ConfigError(f"an integer from {low} to {high}")
-        return value
+            return super().process_value(ctx, value)  # type: ignore[misc]
+        except click.MissingParameter:
+            raise  # click's own line names what is missing
+        except click.BadParameter as error:
+            must = error.message if isinstance(self.type, Checked | Directory) else accepted(self.type)
+            raise ConfigError(f"{self.source(ctx)} must be {must}, got {value!r}") from None
 
-    check.accepted = f"{low}..{high}"
-    return check
-
-
-def real(low, high, low_inclusive=True):
-    def check(text):
-        try:
-            value = float(text)
-        except ValueError:
-            value = None
-        bottom_ok = value is not None and (value >= low if low_inclusive else value > low)
-        if not bottom_ok or not value <= high:
-            bracket = "[" if low_inclusive else "("
-            raise ConfigError(f"a number in {bracket}{low:g}, {high:g}]")
-        return value
-
-    check.accepted = f"{low:g} {'<=' if low_inclusive else '<'} value <= {high:g}"
-    return check
+    def source(self, ctx: click.Context) -> str:
+        return self.human_readable_name  # type: ignore[attr-defined]
 
 
-def choice(*values):
-    def check(text):
-        if text not in values:
-            raise ConfigError("one of " + ", ".join(values))
-        return text
+class Setting(OneLine, click.Option):
+    """A flag with its environment variable, read from the mapping in ctx.obj so that
+    tests can pass their own environment."""
 
-    check.accepted = "|".join(values)
-    return check
-
-
-def boolean(text):
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise ConfigError("a boolean (1/0, true/false, yes/no, on/off)")
-
-
-def pattern(regex, description, reserved=None):
-    def check(text):
-        if not regex.match(text) or (reserved is not None and reserved.match(text)):
-            raise ConfigError(description)
-        return text
-
-    check.accepted = description
-    return check
-
-
-def optional(check):
-    def wrapped(text):
-        return None if text == "" else check(text)
-
-    wrapped.accepted = getattr(check, "accepted", "")
-    return wrapped
-
-
-def directory(text):
-    if not text.strip():
-        raise ConfigError("a directory path")
-    path = Path(text).expanduser()
-    if path.exists() and not path.is_dir():
-        raise ConfigError("a directory path (this path is a file)")
-    return path
-
-
-directory.accepted = "a directory"
-
-
-def tracking_uri(text):
-    if text == "":
-        return None
-    scheme = text.split(":", 1)[0].lower() if re.match(r"^[A-Za-z][\w+.-]*:", text) else ""
-    scheme = scheme.split("+", 1)[0]
-    if scheme and scheme not in TRACKING_SCHEMES:
-        raise ConfigError("a tracking URI (" + ", ".join(s + ":" for s in TRACKING_SCHEMES) + ")")
-    if scheme in ("http", "https") and not re.match(r"^https?://[^/\s]+", text):
-        raise ConfigError("a tracking URI such as http://host:5000")
-    return text
-
-
-tracking_uri.accepted = "http(s)://host:port, sqlite:///file.db, ..."
-
-
-def non_empty(limit):
-    def check(text):
-        if not text.strip() or len(text) > limit:
-            raise ConfigError(f"a non-empty name of at most {limit} characters")
-        return text
-
-    check.accepted = f"1..{limit} characters"
-    return check
-
-
-@dataclass(frozen=True)
-class Option:
-    flag: str
-    env: str | None
-    default: str
-    check: object
-    help: str
+    def __init__(self, flag: str, envvar: str | None, help: str, **kwargs: Any) -> None:
+        kwargs.setdefault("show_default", True)
+        super().__init__([flag], envvar=envvar, help=help, show_envvar=True, **kwargs)
 
     @property
-    def dest(self):
-        return self.flag.lstrip("-").replace("-", "_")
+    def flag(self) -> str:
+        return self.opts[0]
+
+    def source(self, ctx: click.Context) -> str:
+        if ctx.get_parameter_source(self.name) == ParameterSource.ENVIRONMENT:
+            return f"{self.flag} (from {self.envvar})"
+        return self.flag
+
+    def resolve_envvar_value(self, ctx: click.Context) -> str | None:
+        environ = ctx.obj if isinstance(ctx.obj, Mapping) else os.environ
+        # An empty variable counts as unset, as compose passes `NAME=` for a blank .env line.
+        return (environ.get(self.envvar) or None) if self.envvar else None
 
 
-OPTIONS = (
-    Option("--epochs", "TRAINER_EPOCHS", "10", integer(1, 10_000), "passes over the training set"),
-    Option("--batch-size", "TRAINER_BATCH_SIZE", "128", integer(2, 65_536), "images per training step"),
-    Option("--lr", "TRAINER_LR", "0.001", real(0, 10, low_inclusive=False), "peak learning rate"),
-    Option("--optimizer", "TRAINER_OPTIMIZER", "adamw", choice(*OPTIMIZERS),
-           "adamw (weight decay 0.01) or plain sgd as in MLflow's PyTorch quickstart"),
-    Option("--lr-schedule", "TRAINER_LR_SCHEDULE", "cosine", choice(*LR_SCHEDULES),
-           "cosine decays the rate to zero over the run; constant keeps it"),
-    Option("--seed", "TRAINER_SEED", "42", integer(0, 2**32 - 1),
-           "seeds weights, data order and dropout; same seed, same metrics on CPU"),
-    Option("--arch", "TRAINER_ARCH", "small-cnn", choice(*ARCHITECTURES),
-           "small-cnn (2 conv + batch norm + pooling) or the quickstart's CNN"),
-    Option("--device", "TRAINER_DEVICE", "auto", choice(*DEVICES), "auto picks cuda when present"),
-    Option("--data-dir", "DATA_DIR", "./data", directory,
-           "FashionMNIST cache; torchvision's layout, DATA_DIR/FashionMNIST/raw"),
-    Option("--no-download", "TRAINER_NO_DOWNLOAD", "0", boolean,
-           "never download; fail with the list of files to place instead"),
-    Option("--max-train-samples", "TRAINER_MAX_TRAIN_SAMPLES", "0", integer(0, 10_000_000),
-           "use only the first N training images (0: all), for smoke runs"),
-    Option("--max-test-samples", "TRAINER_MAX_TEST_SAMPLES", "0", integer(0, 10_000_000),
-           "use only the first N test images (0: all), for smoke runs"),
-    Option("--log-every", "TRAINER_LOG_EVERY", "50", integer(1, 1_000_000),
-           "steps between train loss/accuracy metrics and progress lines"),
-    Option("--no-tracking", "TRAINER_NO_TRACKING", "0", boolean,
-           "train without MLflow: no run, no checkpoints, no model (for benchmarks)"),
-    Option("--tracking-uri", "MLFLOW_TRACKING_URI", "", tracking_uri,
-           "MLflow tracking server; credentials via MLFLOW_TRACKING_USERNAME/PASSWORD"),
-    Option("--experiment-name", "EXPERIMENT_NAME", "fashion-mnist", non_empty(500), "MLflow experiment"),
-    Option("--run-name", "TRAINER_RUN_NAME", "", optional(non_empty(250)), "run name (MLflow picks one if empty)"),
-    Option("--model-name", "MODEL_NAME", "fashion-mnist-cnn",
-           pattern(MODEL_NAME, "a registered model name without '/' or ':'"), "registered model"),
-    Option("--model-alias", "MODEL_ALIAS", "production",
-           pattern(ALIAS, "letters, digits, '_' or '-', not 'latest' or 'v<N>'", RESERVED_ALIAS),
-           "alias that the serving container follows"),
-    Option("--promotion-policy", "PROMOTION_POLICY", "if-better", choice(*PROMOTION_POLICIES),
-           "if-better moves the alias only when eval accuracy beats the holder's"),
-    Option("--connect-timeout", "TRAINER_CONNECT_TIMEOUT", "60", real(0, 3600),
-           "seconds to keep retrying an unreachable tracking server"),
-    Option("--outage-timeout", "TRAINER_OUTAGE_TIMEOUT", "300", real(0, 86400),
-           "seconds to wait, mid-run, for a tracking server or artifact store that stopped answering"),
-    Option("--resume-from", "TRAINER_RESUME_FROM", "", optional(pattern(RUN_ID, "a 32-character run id")),
-           "continue from the last checkpoint of this run, in a new run"),
+class Positional(OneLine, click.Argument):
+    pass
+
+
+class VersionNumber(Checked):
+    def __init__(self) -> None:
+        super().__init__("version", "a version number such as 3")
+
+    def check(self, text: str) -> str | None:
+        return str(int(text)) if text.isdigit() and int(text) >= 1 else None
+
+
+TRACKING_URI = Setting("--tracking-uri", "MLFLOW_TRACKING_URI", type=TrackingUri(), default=None,
+                       help="MLflow tracking server; credentials via MLFLOW_TRACKING_USERNAME/PASSWORD")
+MODEL_NAME_SETTING = Setting("--model-name", "MODEL_NAME", default="fashion-mnist-cnn", help="registered model",
+                             type=Matching("name", MODEL_NAME, "a registered model name without '/' or ':'"))
+MODEL_ALIAS_SETTING = Setting("--model-alias", "MODEL_ALIAS", default="production",
+                              help="alias that the serving container follows",
+                              type=Matching("alias", ALIAS, "letters, digits, '_' or '-', not 'latest' or 'v<N>'",
+                                            reserved=RESERVED_ALIAS))
+DATA_DIR = Setting("--data-dir", "DATA_DIR", type=Directory(), default="./data",
+                   help="FashionMNIST cache; torchvision's layout, DATA_DIR/FashionMNIST/raw")
+CONNECT_TIMEOUT = Setting("--connect-timeout", "TRAINER_CONNECT_TIMEOUT", type=FiniteRange(0, 3600), default=60,
+                          help="seconds to keep retrying an unreachable tracking server")
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("--epochs", "TRAINER_EPOCHS", type=click.IntRange(1, 10_000), default=10,
+            help="passes over the training set"),
+    Setting("--batch-size", "TRAINER_BATCH_SIZE", type=click.IntRange(2, 65_536), default=128,
+            help="images per training step"),
+    Setting("--lr", "TRAINER_LR", type=FiniteRange(0, 10, min_open=True), default=0.001, help="peak learning rate"),
+    Setting("--optimizer", "TRAINER_OPTIMIZER", type=click.Choice(OPTIMIZERS), default="adamw",
+            help="adamw (weight decay 0.01) or plain sgd as in MLflow's PyTorch quickstart"),
+    Setting("--lr-schedule", "TRAINER_LR_SCHEDULE", type=click.Choice(LR_SCHEDULES), default="cosine",
+            help="cosine decays the rate to zero over the run; constant keeps it"),
+    Setting("--seed", "TRAINER_SEED", type=click.IntRange(0, 2**32 - 1), default=42,
+            help="seeds weights, data order and dropout; same seed, same metrics on CPU"),
+    Setting("--arch", "TRAINER_ARCH", type=click.Choice(ARCHITECTURES), default="small-cnn",
+            help="small-cnn (2 conv + batch norm + pooling) or the quickstart's CNN"),
+    Setting("--device", "TRAINER_DEVICE", type=click.Choice(DEVICES), default="auto",
+            help="auto picks cuda when present"),
+    DATA_DIR,
+    Setting("--no-download", "TRAINER_NO_DOWNLOAD", is_flag=True, default=False,
+            help="never download; fail with the list of files to place instead"),
+    Setting("--max-train-samples", "TRAINER_MAX_TRAIN_SAMPLES", type=click.IntRange(0, 10_000_000), default=0,
+            help="use only the first N training images (0: all), for smoke runs"),
+    Setting("--max-test-samples", "TRAINER_MAX_TEST_SAMPLES", type=click.IntRange(0, 10_000_000), default=0,
+            help="use only the first N test images (0: all), for smoke runs"),
+    Setting("--log-every", "TRAINER_LOG_EVERY", type=click.IntRange(1, 1_000_000), default=50,
+            help="steps between train loss/accuracy metrics and progress lines"),
+    Setting("--no-tracking", "TRAINER_NO_TRACKING", is_flag=True, default=False,
+            help="train without MLflow: no run, no checkpoints, no model (for benchmarks)"),
+    TRACKING_URI,
+    Setting("--experiment-name", "EXPERIMENT_NAME", type=Name(500), default="fashion-mnist", help="MLflow experiment"),
+    Setting("--run-name", "TRAINER_RUN_NAME", type=Name(250, optional=True), default=None,
+            help="run name (MLflow picks one if unset)"),
+    MODEL_NAME_SETTING,
+    MODEL_ALIAS_SETTING,
+    Setting("--promotion-policy", "PROMOTION_POLICY", type=click.Choice(PROMOTION_POLICIES), default="if-better",
+            help="if-better moves the alias only when eval accuracy beats the holder's"),
+    CONNECT_TIMEOUT,
+    Setting("--outage-timeout", "TRAINER_OUTAGE_TIMEOUT", type=FiniteRange(0, 86400), default=300,
+            help="seconds to wait, mid-run, for a tracking server or artifact store that stopped answering"),
+    Setting("--resume-from", "TRAINER_RESUME_FROM", default=None,
+            type=Matching("run_id", RUN_ID, "a 32-character run id", optional=True),
+            help="continue from the last checkpoint of this run, in a new run"),
 )
 
-BOOLEAN_FLAGS = {"--no-download", "--no-tracking"}
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+COMMAND = click.Command(
+    "trainer", params=list(SETTINGS), context_settings=CONTEXT,
+    help="Train a FashionMNIST classifier, log it to MLflow, register it and apply the promotion policy. "
+         "Every flag defaults to the environment variable shown.",
+    epilog="The last three lines printed are 'run: URL', 'version: N' and 'promoted: yes|no (reason)'. "
+           "Exit status: 0 done, 1 failed, 2 bad configuration, 130/143 stopped by SIGINT/SIGTERM after saving "
+           "a checkpoint. The logged model is signed with MODEL_SIGNING_KEY (a base64 PEM from 'make env'); "
+           "tracked runs need it.")
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def __init__(self, *args, **kwargs):
-        # Prefix matching would take --epoch for --epochs; a typo should be an error.
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message):
-        # argparse prints usage plus an error; one line is easier to spot in compose logs.
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
+def signing_key(environ: Mapping[str, str]) -> model_signatures.PrivateKey:
+    try:
+        return model_signatures.private_key_from_env(environ)
+    except model_signatures.KeyProblem as error:
+        raise ConfigError(str(error)) from None
 
 
-def accepted(option):
-    if option.check is boolean:
-        return "env value 1/0, true/false, yes/no"
-    return getattr(option.check, "accepted", "")
+def parse_args(command: click.Command, prog: str, argv: Sequence[str] | None,
+               environ: Mapping[str, str]) -> click.Context:
+    """click's parse of argv and environ; usage errors become ConfigError, --help click's Exit."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return command.make_context(prog, args, obj=environ)
+    except click.UsageError as error:
+        raise ConfigError(" ".join(error.format_message().split())) from None
 
 
-def build_parser(environ):
-    parser = OneLineParser(
-        prog="python -m trainer",
-        description="Train a FashionMNIST classifier, log it to MLflow, register it and apply "
-        "the promotion policy. Every flag defaults to the environment variable shown.",
-        epilog="The last three lines printed are 'run: URL', 'version: N' and "
-        "'promoted: yes|no (reason)'. Exit status: 0 done, 1 failed, 2 bad configuration, "
-        "130/143 stopped by SIGINT/SIGTERM after saving a checkpoint. The logged model is "
-        "signed with MODEL_SIGNING_KEY (a base64 PEM from 'make env'); tracked runs need it.",
-    )
-    for option in OPTIONS:
-        current = environ.get(option.env, option.default) if option.env else option.default
-        shown = current if current != "" else "unset"
-        help_text = f"{option.help} ({accepted(option)}; env {option.env}={shown})"
-        if option.flag in BOOLEAN_FLAGS:
-            parser.add_argument(option.flag, action="store_const", const="1", default=None,
-                                dest=option.dest, help=help_text)
-        else:
-            parser.add_argument(option.flag, default=None, dest=option.dest,
-                                metavar=option.dest.upper(), help=help_text)
-    return parser
-
-
-def parse(argv=None, environ=None):
+def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
     """Return a checked Config, or raise ConfigError with a one-line message."""
     environ = os.environ if environ is None else environ
-    args = build_parser(environ).parse_args(argv)
-    values = {}
-    for option in OPTIONS:
-        given = getattr(args, option.dest)
-        source = option.flag
-        if given is None:
-            given = environ.get(option.env, option.default) if option.env else option.default
-            if option.env in environ:
-                source = f"{option.flag} (from {option.env})"
-        try:
-            values[option.dest] = option.check(given)
-        except ConfigError as error:
-            raise ConfigError(f"{source} must be {error}, got {given!r}") from None
+    values = dict(parse_args(COMMAND, PROG, argv, environ).params)
     values["download"] = not values.pop("no_download")
     values["tracking"] = not values.pop("no_tracking")
     if values["resume_from"] and not values["tracking"]:
         raise ConfigError("--resume-from needs tracking: it reads the checkpoint from MLflow")
     if values["tracking"]:
         # Every logged model is signed; a run that could not sign its model is not started.
-        try:
-            values["signing_key"] = model_signatures.private_key_from_env(environ)
-        except model_signatures.KeyProblem as error:
-            raise ConfigError(str(error)) from None
+        values["signing_key"] = signing_key(environ)
     return Config(**values)
 
 
-def load(argv=None, environ=None):
-    """Parse flags or exit with status 2 and one line on stderr."""
+@contextmanager
+def exit_on_bad_input(prog: str) -> Iterator[None]:
+    """Exit 0 after --help, and 2 with one line on stderr for a bad value: never a traceback."""
     try:
-        return parse(argv, environ)
+        yield
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
     except ConfigError as error:
-        print(f"python -m trainer: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {error}", file=sys.stderr)
         sys.exit(2)
+
+
+def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Config:
+    """The checked Config of `python -m trainer`, or exit as exit_on_bad_input says."""
+    with exit_on_bad_input(PROG):
+        return parse(argv, environ)
+
+
+def options(command: click.Command, prog: str, argv: Sequence[str] | None) -> dict[str, Any]:
+    """The values of a small tool's flags, from argv and the environment, or exit as load() does."""
+    with exit_on_bad_input(prog):
+        return dict(parse_args(command, prog, argv, os.environ).params)
+
+
+def flag_table() -> str:
+    """The flag table of trainer/README.md, from SETTINGS."""
+    rows = ["| flag | variable | default | accepted | meaning |", "|---|---|---|---|---|"]
+    for setting in SETTINGS:
+        if setting.is_flag:
+            default, must = "off", "flag; variable 1/0"
+        else:
+            default = "unset" if setting.default is None else f"`{setting.default}`"
+            must = accepted(setting.type)
+        rows.append(f"| `{setting.flag}` | `{setting.envvar}` | {default} | {must} | {setting.help} |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(flag_table(), end="")

@@ -1,4 +1,4 @@
-"""FashionMNIST as tensors: decoded once, batched by index, normalised on the device.
+"""FashionMNIST as tensors: decoded once, batched by index, standardised on the device.
 
 torchvision finds, downloads and decodes the IDX files; after that no PIL image or
 per-sample transform is involved. The uint8 images stay uint8 until a batch is cut, so
@@ -6,6 +6,7 @@ the whole dataset costs 55 MB and fits on any GPU, where a batch is a single gat
 """
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,23 +30,23 @@ class Split:
     images: torch.Tensor  # uint8 [N, 28, 28]
     labels: torch.Tensor  # int64 [N]
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self.labels)
 
-    def to(self, device):
+    def to(self, device: torch.device) -> "Split":
         return Split(self.images.to(device), self.labels.to(device))
 
 
-def raw_dir(data_dir):
+def raw_dir(data_dir: str | Path) -> Path:
     return Path(data_dir) / "FashionMNIST" / "raw"
 
 
-def missing_files(data_dir):
+def missing_files(data_dir: str | Path) -> list[str]:
     folder = raw_dir(data_dir)
     return [name for name in RAW_FILES if not (folder / name).is_file()]
 
 
-def load(data_dir, download=True):
+def load(data_dir: str | Path, download: bool = True) -> tuple[Split, Split]:
     """Return (train, test) Splits, downloading into data_dir if needed and allowed."""
     # Imported here so that the served model and the registry CLI never need torchvision.
     from torchvision.datasets import FashionMNIST
@@ -67,7 +68,7 @@ def load(data_dir, download=True):
     return splits[0], splits[1]
 
 
-def _missing_message(data_dir, reason):
+def _missing_message(data_dir: Path, reason: str) -> str:
     folder = raw_dir(data_dir).resolve()
     names = ", ".join(missing_files(data_dir)) or ", ".join(RAW_FILES)
     return (f"FashionMNIST is not in {folder} ({reason}). Put the uncompressed files {names} "
@@ -75,7 +76,7 @@ def _missing_message(data_dir, reason):
             f"or run with network access to download them.")
 
 
-def checksum(data_dir):
+def checksum(data_dir: str | Path) -> str:
     """SHA-256 over the four raw files, so a run records exactly which data it saw."""
     digest = hashlib.sha256()
     for name in RAW_FILES:
@@ -85,20 +86,23 @@ def checksum(data_dir):
     return digest.hexdigest()
 
 
-def take(split, limit):
+def take(split: Split, limit: int) -> Split:
     """The first `limit` samples (0 means all), for smoke runs."""
     if limit and limit < len(split):
         return Split(split.images[:limit], split.labels[:limit])
     return split
 
 
-def normalise(images_uint8):
-    """uint8 [B, 28, 28] -> float32 [B, 1, 28, 28], standardised, on the images' device."""
+def standardise(images_uint8: torch.Tensor) -> torch.Tensor:
+    """uint8 [B, 28, 28] -> float32 [B, 1, 28, 28] with the training set's mean 0 and
+    deviation 1, channels-last, on the images' device."""
     x = images_uint8.unsqueeze(1).to(torch.float32)
-    return x.mul_(1.0 / (255.0 * STD)).sub_(MEAN / STD)
+    # One fused multiply-subtract instead of /255, -MEAN, /STD: three passes over the batch.
+    x = x.mul_(1.0 / (255.0 * STD)).sub_(MEAN / STD)
+    return x.contiguous(memory_format=torch.channels_last)
 
 
-def epoch_order(n, seed, epoch, device):
+def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
     """The shuffled sample order of one epoch: a pure function of (seed, epoch).
 
     Deriving it instead of drawing from a running generator lets a resumed run rebuild
@@ -108,13 +112,14 @@ def epoch_order(n, seed, epoch, device):
     return torch.randperm(n, generator=generator).to(device)
 
 
-def steps_per_epoch(n, batch_size):
+def steps_per_epoch(n: int, batch_size: int) -> int:
     # A last batch of one sample would break batch norm in training mode, so it is dropped.
     full, rest = divmod(n, batch_size)
     return full + (1 if rest > 1 else 0)
 
 
-def batches(split, order, batch_size, start_step=0):
+def batches(split: Split, order: torch.Tensor, batch_size: int,
+            start_step: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield (images uint8, labels) index slices of `split` in `order`."""
     for step in range(start_step, steps_per_epoch(len(order), batch_size)):
         index = order[step * batch_size:(step + 1) * batch_size]

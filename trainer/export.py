@@ -33,45 +33,48 @@ EXAMPLE_IMAGES = 3
 REQUIREMENTS = ("mlflow", "torch", "numpy")
 
 
-class Standardised(nn.Module):
-    """[N, 1, 28, 28] intensities in [0, 1] -> [N, 10] class probabilities."""
+class ServedNetwork(nn.Module):
+    """[N, 1, 28, 28] intensities in [0, 1] -> [N, 10] class probabilities: the trained
+    network with the standardisation of data.standardise in front and a softmax behind."""
 
-    def __init__(self, net):
+    def __init__(self, net: nn.Module) -> None:
         super().__init__()
         self.net = net
         self.mean = data.MEAN
         self.std = data.STD
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.softmax(self.net((x - self.mean) / self.std).float(), dim=1)
 
 
-def to_torchscript(model):
+def to_torchscript(model: nn.Module) -> torch.jit.ScriptModule:
     net = copy.deepcopy(model).to(device="cpu", dtype=torch.float32, memory_format=torch.contiguous_format)
     net.eval()
     with warnings.catch_warnings():
         # torch 2.15 marks TorchScript deprecated in favour of torch.export; the serving
         # contract is TorchScript because it loads with torch alone, and it still works.
         warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
-        return torch.jit.freeze(torch.jit.script(Standardised(net).eval()))
+        return torch.jit.freeze(torch.jit.script(ServedNetwork(net).eval()))
 
 
-def pip_requirements():
+def pip_requirements() -> list[str]:
     return [f"{name}=={metadata.version(name).split('+')[0]}" for name in REQUIREMENTS]
 
 
-def example_images(test_split):
+def example_images(test_split: data.Split) -> np.ndarray:
     return (test_split.images[:EXAMPLE_IMAGES].unsqueeze(1).float() / 255.0).cpu().numpy()
 
 
-def log_served_model(model, test_split, arch, registered_model, key):
+def log_served_model(model: nn.Module, test_split: data.Split, arch: str, registered_model: str,
+                     key: model_signatures.PrivateKey) -> str:
     """Log the served model, signed for registered_model, to the active run; return its URI."""
     scripted = to_torchscript(model)
     example = example_images(test_split)
     with torch.inference_mode():
         probabilities = scripted(torch.from_numpy(example)).numpy()
         reference_model = copy.deepcopy(model).to("cpu", torch.float32).eval()
-        reference = torch.softmax(reference_model(data.normalise(test_split.images[:EXAMPLE_IMAGES].cpu())), 1).numpy()
+        reference_input = data.standardise(test_split.images[:EXAMPLE_IMAGES].cpu())
+        reference = torch.softmax(reference_model(reference_input), 1).numpy()
     # Freezing and scripting must not change what the model says.
     if not np.allclose(probabilities, reference, atol=1e-4):
         raise RuntimeError("the TorchScript export disagrees with the trained model")
@@ -81,7 +84,7 @@ def log_served_model(model, test_split, arch, registered_model, key):
             warnings.filterwarnings("ignore", category=FutureWarning, message=r".*torch\.jit")
             torch.jit.save(scripted, str(weights))
 
-        def save(path, mlflow_model):
+        def save(path: str, mlflow_model: mlflow.models.Model) -> None:
             mlflow.pyfunc.save_model(
                 path,
                 mlflow_model=mlflow_model,

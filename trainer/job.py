@@ -2,65 +2,31 @@
 data; reach the tracking server; start a run; train and evaluate epoch by epoch with a
 checkpoint after each; log the served model and the evaluation artifacts; register a
 version; move the alias per policy; print the run URL, the version and whether it was
-promoted.
+promoted. How the run starts and ends is trainer/lifecycle.py.
 """
 
 import os
-import signal
 import subprocess
-import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
+from typing import Any, TypeVar
 
 import mlflow
 import torch
 
 from trainer import architectures, checkpoints, data, export, loop, registry, report, tracking
-from trainer.config import ConfigError
+from trainer.config import Config, ConfigError
+from trainer.lifecycle import EXIT_SIGNAL, StopSignals, say, tracked_run, warn
+from trainer.loop import TrainingState
 
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
-EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
+T = TypeVar("T")
 
 
-def say(message=""):
-    print(message, flush=True)
-
-
-def warn(message):
-    print(message, file=sys.stderr, flush=True)
-
-
-class StopSignals:
-    """Turns the first SIGINT/SIGTERM into a stop between steps, so a checkpoint of a
-    consistent state can be saved; a second signal stops at once."""
-
-    def __init__(self):
-        self.received = None
-        self.previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame):
-        if self.received:
-            raise KeyboardInterrupt
-        self.received = signal.Signals(signum).name
-        warn(f"{self.received} received: stopping after this step and saving a checkpoint "
-             "(send it again to stop at once)")
-
-    def __call__(self):
-        return self.received is not None
-
-
-def git_commit():
+def git_commit() -> str | None:
     if os.environ.get("GIT_COMMIT"):
         return os.environ["GIT_COMMIT"]
     try:
@@ -71,13 +37,14 @@ def git_commit():
     return result.stdout.strip() if result.returncode == 0 else None
 
 
-def fit(model, optimizer, train_split, test_split, conf, device, progress, logger, stop,
-        on_epoch_end=lambda progress: None):
-    """Train until conf.epochs are complete; return the last evaluation."""
+def fit(state: TrainingState, train_split: data.Split, test_split: data.Split, conf: Config,
+        logger: tracking.MetricLogger | tracking.NoLogger, stop: Callable[[], bool],
+        on_epoch_end: Callable[[TrainingState], None] = lambda state: None) -> dict[str, Any] | None:
+    """Train until conf.epochs are complete; return the last evaluation (None if none was left to do)."""
+    progress = state.progress
     steps = data.steps_per_epoch(len(train_split), conf.batch_size)
-    total_steps = conf.epochs * steps
 
-    def on_log(metrics, p):
+    def on_log(metrics: loop.Metrics, p: loop.Progress) -> None:
         logger.log({"train_loss": metrics["loss"], "train_accuracy": metrics["accuracy"],
                     "train_images_per_sec": metrics["images_per_sec"], "lr": metrics["lr"]}, p.global_step)
         say(f"epoch {p.epoch + 1}/{conf.epochs}  step {p.step_in_epoch}/{steps}  "
@@ -90,17 +57,14 @@ def fit(model, optimizer, train_split, test_split, conf, device, progress, logge
     evaluation = None
     while progress.epoch < conf.epochs:
         started = time.perf_counter()
-        loop.train_epoch(model, optimizer, train_split, progress, seed=conf.seed,
-                         batch_size=conf.batch_size, lr=conf.lr, lr_schedule=conf.lr_schedule,
-                         total_steps=total_steps, log_every=conf.log_every, device=device,
-                         on_log=on_log, should_stop=stop)
-        evaluation = loop.evaluate(model, test_split, device)
+        loop.train_epoch(state, train_split, conf, on_log, stop)
+        evaluation = loop.evaluate(state.model, test_split, state.device)
         seconds = time.perf_counter() - started
         logger.log({"eval_loss": evaluation["loss"], "eval_accuracy": evaluation["accuracy"],
                     "epoch": progress.epoch, "epoch_seconds": seconds}, progress.global_step)
         say(f"epoch {progress.epoch}/{conf.epochs}  eval_loss {evaluation['loss']:.4f}  "
             f"eval_accuracy {evaluation['accuracy']:.4f}  {seconds:.1f} s")
-        on_epoch_end(progress)
+        on_epoch_end(state)
     seconds = time.perf_counter() - fit_started
     # Everything between the first step and the last checkpoint counts: evaluation,
     # logging and checkpoints included. The benchmark reads this line.
@@ -108,19 +72,17 @@ def fit(model, optimizer, train_split, test_split, conf, device, progress, logge
     return evaluation
 
 
-def build(conf, device):
+def build(conf: Config, device: torch.device) -> TrainingState:
     torch.manual_seed(conf.seed)
     model = loop.prepare(architectures.build(conf.arch), device)
-    optimizer = loop.make_optimizer(conf.optimizer, model, conf.lr)
-    return model, optimizer
+    return TrainingState(model, loop.make_optimizer(conf.optimizer, model, conf.lr), device)
 
 
-def run_untracked(conf, device, train_split, test_split):
-    model, optimizer = build(conf, device)
+def run_untracked(conf: Config, device: torch.device, train_split: data.Split, test_split: data.Split) -> int:
+    state = build(conf, device)
     with StopSignals() as stop:
         try:
-            evaluation = fit(model, optimizer, train_split, test_split, conf, device,
-                             loop.Progress(), tracking.NoLogger(), stop)
+            evaluation = fit(state, train_split, test_split, conf, tracking.NoLogger(), stop)
         except loop.StopRequested:
             say("run: none (tracking off)\nversion: none\n"
                 f"promoted: no (stopped by {stop.received})")
@@ -130,29 +92,31 @@ def run_untracked(conf, device, train_split, test_split):
     return 0
 
 
-def params_of(conf, device, model, train_split, test_split):
+def params_of(conf: Config, state: TrainingState, train_split: data.Split,
+              test_split: data.Split) -> dict[str, Any]:
     params = {key: value for key, value in vars(conf).items() if key not in ("tracking", "tracking_uri", "signing_key")}
     params.update(
         data_dir=str(conf.data_dir),
-        device=str(device),
-        amp="bf16" if device.type == "cuda" else "off",
+        device=str(state.device),
+        amp="bf16" if state.device.type == "cuda" else "off",
         train_samples=len(train_split),
         test_samples=len(test_split),
         steps_per_epoch=data.steps_per_epoch(len(train_split), conf.batch_size),
         eval_batch_size=loop.EVAL_BATCH_SIZE,
-        parameters=sum(p.numel() for p in model.parameters()),
+        parameters=sum(p.numel() for p in state.model.parameters()),
         torch_version=torch.__version__,
         mlflow_version=mlflow.__version__,
     )
     return {key: "" if value is None else value for key, value in params.items()}
 
 
-def tracked(conf, what, call, *args, **kwargs):
+def tracked(conf: Config, what: str, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
     """call(*args, **kwargs), waiting out a tracking server or S3 restart (--outage-timeout)."""
     return tracking.during_run(what, partial(call, *args, **kwargs), conf.outage_timeout)
 
 
-def publish(model, evaluation, test_split, conf, run_id, dataset_sha256):
+def publish(model: torch.nn.Module, evaluation: dict[str, Any], test_split: data.Split, conf: Config, run_id: str,
+            dataset_sha256: str) -> tuple[str, registry.Decision]:
     """Log the served model and evaluation artifacts, register a version, apply the policy.
 
     Each step waits out a tracking server or S3 restart (--outage-timeout) on its own, so a
@@ -180,88 +144,46 @@ def publish(model, evaluation, test_split, conf, run_id, dataset_sha256):
     return str(version.version), decision
 
 
-def run_tracked(conf, device, train_split, test_split, dataset_sha256):
+def run_tracked(conf: Config, device: torch.device, train_split: data.Split, test_split: data.Split,
+                dataset_sha256: str) -> int:
     uri = tracking.connect(conf.tracking_uri, conf.connect_timeout, log=print)
+    tags = {"dataset_sha256": dataset_sha256, "device": loop.describe(device), "architecture": conf.arch}
     resumed = None
     if conf.resume_from:
         resumed, resumed_path = checkpoints.download(conf.resume_from)
         checkpoints.check_compatible(resumed, conf)
-
-    model, optimizer = build(conf, device)
-    progress = loop.Progress()
+        tags.update({"resumed_from": conf.resume_from, "resumed_checkpoint": resumed_path})
+    state = build(conf, device)
     if resumed is not None:
-        progress = checkpoints.restore(resumed, model, optimizer)
-
-    experiment = mlflow.set_experiment(conf.experiment_name)
-    system_metrics = tracking.system_metrics_available()
-    if not system_metrics:
-        warn("system metrics off: install psutil to record CPU, memory and GPU use")
-    tags = {"dataset_sha256": dataset_sha256, "device": loop.describe(device), "architecture": conf.arch,
-            "system_metrics": "on" if system_metrics else "off (psutil not installed)"}
+        checkpoints.restore(resumed, state)
     commit = git_commit()
     if commit:
         tags.update({"git_commit": commit, "mlflow.source.git.commit": commit})
-    if resumed is not None:
-        tags.update({"resumed_from": conf.resume_from, "resumed_checkpoint": resumed_path})
 
-    logger = uploads = None
-    saved_step = [progress.global_step if resumed is not None else -1]
-
-    def save_checkpoint(p):
-        uploads.save(model, optimizer, p, conf)
-        saved_step[0] = p.global_step
-
-    # Signals are caught from before the run exists, so no window leaves it RUNNING.
-    with StopSignals() as stop:
-        run = mlflow.start_run(run_name=conf.run_name, tags=tags, log_system_metrics=system_metrics)
-        run_id = run.info.run_id
-        url = tracking.run_url(uri, experiment.experiment_id, run_id)
-        say(f"run {run_id} started: {url}")
-        try:
-            logger = tracking.MetricLogger(run_id, outage_s=conf.outage_timeout)
-            uploads = checkpoints.Uploads(run_id, outage_s=conf.outage_timeout)
-            tracked(conf, "logging parameters", mlflow.log_params,
-                    params_of(conf, device, model, train_split, test_split))
-            tracked(conf, "logging the model summary", mlflow.log_text,
-                    architectures.summary(model, conf.arch), "model_summary.txt")
-            evaluation = fit(model, optimizer, train_split, test_split, conf, device, progress,
-                             logger, stop, on_epoch_end=save_checkpoint)
-            if stop():
-                raise loop.StopRequested()
-            if evaluation is None:
-                evaluation = loop.evaluate(model, test_split, device)
-            logger.flush()
-            uploads.wait()
-            version, decision = publish(model, evaluation, test_split, conf, run_id, dataset_sha256)
-        except loop.StopRequested:
-            try:
-                if saved_step[0] != progress.global_step:
-                    save_checkpoint(progress)
-                uploads.wait()
-                logger.flush()
-            except BaseException as error:  # noqa: BLE001 - a second Ctrl-C included: end KILLED anyway
-                warn(f"could not save the final checkpoint: {error or type(error).__name__}")
-            tracking.end_run("KILLED", conf.outage_timeout)
-            say(f"stopped by {stop.received} at global step {progress.global_step}; "
-                f"continue with --resume-from {run_id}")
-            say(f"run: {url}\nversion: none\npromoted: no (stopped by {stop.received})")
-            return EXIT_SIGNAL[stop.received]
-        except KeyboardInterrupt:
-            tracking.end_run("KILLED", conf.outage_timeout)
-            warn(f"stopped at once; run {url} marked KILLED")
-            return EXIT_SIGNAL["SIGINT"]
-        except BaseException:
-            tracking.end_run("FAILED", conf.outage_timeout)
-            warn(f"run {url} marked FAILED")
-            raise
-        tracking.end_run("FINISHED", conf.outage_timeout)
-    say(f"run: {url}")
+    with tracked_run(conf, uri, state, tags, resumed=bool(conf.resume_from)) as run:
+        tracked(conf, "logging parameters", mlflow.log_params, params_of(conf, state, train_split, test_split))
+        tracking.log_datasets(train_split, test_split, data.raw_dir(conf.data_dir).resolve(), dataset_sha256,
+                              conf.outage_timeout)
+        tracked(conf, "logging the model summary", mlflow.log_text,
+                architectures.summary(state.model, conf.arch), "model_summary.txt")
+        evaluation = fit(state, train_split, test_split, conf, run.logger, run.stop,
+                         on_epoch_end=lambda state: run.checkpoint(state, conf))
+        if run.stop():  # the signal came during the last evaluation or checkpoint
+            raise loop.StopRequested()
+        if evaluation is None:
+            evaluation = loop.evaluate(state.model, test_split, device)
+        run.logger.flush()
+        run.uploads.wait()
+        version, decision = publish(state.model, evaluation, test_split, conf, run.run_id, dataset_sha256)
+    if run.stopped_status is not None:
+        return run.stopped_status
+    say(f"run: {run.url}")
     say(f"version: {version}")
     say(f"promoted: {'yes' if decision.promoted else 'no'} ({decision.reason})")
     return 0
 
 
-def run(conf):
+def run(conf: Config) -> int:
     """Run the job for a checked Config; return the process exit status."""
     try:
         device = loop.pick_device(conf.device)

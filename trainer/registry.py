@@ -10,8 +10,10 @@ alias back to the version that held it before.
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
 import mlflow
+from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
@@ -28,15 +30,15 @@ class Decision:
     reason: str
 
 
-def history_tag(alias):
+def history_tag(alias: str) -> str:
     return f"alias_history.{alias}"
 
 
-def now():
+def now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def register(model_uri, name, run_id, tags):
+def register(model_uri: str, name: str, run_id: str, tags: dict[str, Any]) -> ModelVersion:
     """Create a new version of `name` from the logged model; return it."""
     version = mlflow.register_model(model_uri, name, tags={k: str(v) for k, v in tags.items()})
     client = MlflowClient()
@@ -46,7 +48,7 @@ def register(model_uri, name, run_id, tags):
     return client.get_model_version(name, version.version)
 
 
-def holder(client, name, alias):
+def holder(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
     """The version holding alias, or None."""
     try:
         return client.get_model_version_by_alias(name, alias)
@@ -56,7 +58,7 @@ def holder(client, name, alias):
         raise
 
 
-def accuracy(version):
+def accuracy(version: ModelVersion) -> float | None:
     value = (version.tags or {}).get("eval_accuracy")
     try:
         return float(value) if value is not None else None
@@ -64,7 +66,7 @@ def accuracy(version):
         return None
 
 
-def decide(policy, candidate, current):
+def decide(policy: str, candidate: ModelVersion, current: ModelVersion | None) -> Decision:
     """Whether `candidate` should take the alias from `current` (None if unheld)."""
     if policy == "never":
         return Decision(False, "policy never")
@@ -83,7 +85,7 @@ def decide(policy, candidate, current):
     return Decision(False, f"eval_accuracy {mine:.4f} <= {theirs:.4f} of version {current.version}{caveat}")
 
 
-def read_history(client, name, alias):
+def read_history(client: MlflowClient, name: str, alias: str) -> list[dict[str, str]]:
     tags = client.get_registered_model(name).tags or {}
     try:
         entries = json.loads(tags.get(history_tag(alias), "[]"))
@@ -92,7 +94,7 @@ def read_history(client, name, alias):
     return [e for e in entries if isinstance(e, dict) and "version" in e]
 
 
-def move_alias(client, name, alias, version, how):
+def move_alias(client: MlflowClient, name: str, alias: str, version: str, how: str) -> str | None:
     """Point alias at version and record the move; return the previous holder's number."""
     previous = holder(client, name, alias)
     entries = read_history(client, name, alias)
@@ -106,7 +108,7 @@ def move_alias(client, name, alias, version, how):
     return str(previous.version) if previous is not None else None
 
 
-def promote_by_policy(name, alias, version, policy):
+def promote_by_policy(name: str, alias: str, version: str, policy: str) -> Decision:
     """Apply the promotion policy to a freshly registered version; return the Decision."""
     client = MlflowClient()
     candidate = client.get_model_version(name, version)
@@ -132,7 +134,7 @@ def promote_by_policy(name, alias, version, policy):
     return decision
 
 
-def versions(client, name):
+def versions(client: MlflowClient, name: str) -> list[ModelVersion]:
     try:
         found = client.search_model_versions(f"name = '{name}'")
     except MlflowException as error:
@@ -140,7 +142,7 @@ def versions(client, name):
     return sorted(found, key=lambda v: int(v.version), reverse=True)
 
 
-def get_version(client, name, version):
+def get_version(client: MlflowClient, name: str, version: str) -> ModelVersion:
     try:
         client.get_registered_model(name)
     except MlflowException:
@@ -152,7 +154,7 @@ def get_version(client, name, version):
         raise RegistryError(f"{name} has no version {version} (versions: {known})") from None
 
 
-def promote(name, alias, version):
+def promote(name: str, alias: str, version: str) -> str | None:
     """Move alias to version by hand; return the previous holder's number."""
     client = MlflowClient()
     target = get_version(client, name, version)
@@ -166,7 +168,7 @@ def promote(name, alias, version):
     return previous
 
 
-def rollback(name, alias):
+def rollback(name: str, alias: str) -> tuple[str | None, str]:
     """Give alias back to the version that held it before; return (from, to)."""
     client = MlflowClient()
     existing = {str(v.version) for v in versions(client, name)}

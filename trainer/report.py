@@ -1,12 +1,16 @@
 """Evaluation artifacts for people: a confusion-matrix image and a per-class table."""
 
+from collections.abc import Sequence
+
 import matplotlib
+import torch
+from matplotlib.figure import Figure
 
 matplotlib.use("Agg")  # the trainer container has no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def confusion_figure(confusion, classes, title):
+def confusion_figure(confusion: torch.Tensor, classes: Sequence[str], title: str) -> Figure:
     """Counts with rows = true class and columns = predicted class, row-normalised colour."""
     counts = confusion.numpy()
     totals = counts.sum(axis=1, keepdims=True).clip(min=1)
@@ -26,7 +30,7 @@ def confusion_figure(confusion, classes, title):
     return fig
 
 
-def per_class_table(confusion, classes):
+def per_class_table(confusion: torch.Tensor, classes: Sequence[str]) -> dict[str, list]:
     """Columns for mlflow.log_table: class, images, correct, accuracy."""
     totals = confusion.sum(dim=1).tolist()
     correct = confusion.diagonal().tolist()

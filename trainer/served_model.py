@@ -10,23 +10,24 @@ class names are in the model's metadata under "classes".
 """
 
 import warnings
+from typing import Any
 
 import mlflow
 import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.pyfunc import PythonModel
+from mlflow.pyfunc import PythonModel, PythonModelContext
 
 IMAGE_SHAPE = (1, 28, 28)
 
 
-def invalid(message):
+def invalid(message: str) -> MlflowException:
     # INVALID_PARAMETER_VALUE is what makes MLflow's scoring server answer 400, not 500.
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def check_images(model_input):
+def check_images(model_input: Any) -> np.ndarray:
     """Return model_input as a C-contiguous float32 array, or raise a readable 400."""
     if isinstance(model_input, dict) or hasattr(model_input, "columns"):
         raise invalid("expected a tensor of images shaped [N, 1, 28, 28], e.g. {\"inputs\": [...]}, "
@@ -49,7 +50,7 @@ def check_images(model_input):
 
 
 class FashionMNISTClassifier(PythonModel):
-    def load_context(self, context):
+    def load_context(self, context: PythonModelContext) -> None:
         with warnings.catch_warnings():
             # torch 2.15 marks TorchScript deprecated; it still loads, and it is what
             # keeps the served model free of any Python source besides this file.
@@ -58,7 +59,8 @@ class FashionMNISTClassifier(PythonModel):
         self.module.eval()
 
     # The np.ndarray hint tells MLflow to validate against the logged signature only.
-    def predict(self, context, model_input: np.ndarray, params=None) -> np.ndarray:
+    def predict(self, context: PythonModelContext, model_input: np.ndarray,
+                params: dict[str, Any] | None = None) -> np.ndarray:
         images = check_images(model_input)
         with torch.inference_mode():
             return self.module(torch.from_numpy(images)).numpy()

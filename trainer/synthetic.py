@@ -2,7 +2,7 @@
 
 Tests and the benchmark run where the real dataset cannot be downloaded. The files land
 where torchvision's ``FashionMNIST(root=DIR)`` looks for them, so the trainer reads them
-through exactly the same path as the real data. Only numpy is needed.
+through exactly the same path as the real data. Only numpy and click are needed.
 
     python -m trainer.synthetic --data-dir DIR --train 60000 --test 10000
 
@@ -11,12 +11,15 @@ a random brightness, a shift of up to two pixels and pixel noise. A small CNN le
 well above chance within an epoch or two of a few hundred images, yet not instantly.
 """
 
-import argparse
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+import click
 import numpy as np
+
+from trainer import config
 
 IMAGE_SIZE = 28
 NUM_CLASSES = 10
@@ -27,11 +30,11 @@ FILES = {
 }
 
 
-def raw_dir(data_dir):
+def raw_dir(data_dir: str | Path) -> Path:
     return Path(data_dir) / "FashionMNIST" / "raw"
 
 
-def class_patterns(rng):
+def class_patterns(rng: np.random.Generator) -> np.ndarray:
     """Ten 28x28 float patterns in [0, 1], each a sum of a few soft blobs."""
     yy, xx = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32)
     patterns = np.zeros((NUM_CLASSES, IMAGE_SIZE, IMAGE_SIZE), np.float32)
@@ -44,7 +47,8 @@ def class_patterns(rng):
     return patterns
 
 
-def make_split(n, patterns, rng, chunk=10_000):
+def make_split(n: int, patterns: np.ndarray, rng: np.random.Generator,
+               chunk: int = 10_000) -> tuple[np.ndarray, np.ndarray]:
     labels = rng.integers(0, NUM_CLASSES, size=n, dtype=np.int64)
     images = np.empty((n, IMAGE_SIZE, IMAGE_SIZE), np.uint8)
     # Chunks keep peak memory small at full size without a per-image Python loop.
@@ -62,7 +66,7 @@ def make_split(n, patterns, rng, chunk=10_000):
     return images, labels.astype(np.uint8)
 
 
-def write_idx(path, array):
+def write_idx(path: Path, array: np.ndarray) -> None:
     """IDX: big-endian magic (0, 0, type, ndim), big-endian dims, then raw bytes."""
     header = bytes([0, 0, IDX_UBYTE, array.ndim])
     header += b"".join(int(d).to_bytes(4, "big") for d in array.shape)
@@ -74,7 +78,7 @@ def write_idx(path, array):
     os.replace(tmp, path)
 
 
-def write_dataset(data_dir, train, test, seed=0):
+def write_dataset(data_dir: str | Path, train: int, test: int, seed: int = 0) -> Path:
     """Write train/test IDX files under DATA_DIR/FashionMNIST/raw and return that folder."""
     rng = np.random.default_rng(seed)
     patterns = class_patterns(rng)
@@ -88,25 +92,22 @@ def write_dataset(data_dir, train, test, seed=0):
     return out
 
 
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+PROG = "python -m trainer.synthetic"
+COMMAND = click.Command(
+    "synthetic", help="Write generated FashionMNIST-format IDX files for tests and benchmarks.",
+    context_settings=config.CONTEXT, params=[
+        config.Setting("--data-dir", None, type=config.Directory(), required=True,
+                       help="root that FashionMNIST(root=...) is given"),
+        config.Setting("--train", None, type=click.IntRange(1, 10_000_000), default=600, help="training images"),
+        config.Setting("--test", None, type=click.IntRange(1, 10_000_000), default=200, help="test images"),
+        config.Setting("--seed", None, type=click.IntRange(0, 2**32 - 1), default=0, help="generator seed"),
+    ])
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(
-        prog="python -m trainer.synthetic",
-        description="Write generated FashionMNIST-format IDX files for tests and benchmarks.",
-    )
-    parser.add_argument("--data-dir", required=True, help="root that FashionMNIST(root=...) is given")
-    parser.add_argument("--train", type=positive_int, default=600, help="training images (default 600)")
-    parser.add_argument("--test", type=positive_int, default=200, help="test images (default 200)")
-    parser.add_argument("--seed", type=int, default=0, help="generator seed (default 0)")
-    args = parser.parse_args(argv)
-    out = write_dataset(args.data_dir, args.train, args.test, args.seed)
-    print(f"wrote {args.train} train and {args.test} test images to {out}")
+def main(argv: Sequence[str] | None = None) -> int:
+    args = config.options(COMMAND, PROG, argv)
+    out = write_dataset(args["data_dir"], args["train"], args["test"], args["seed"])
+    print(f"wrote {args['train']} train and {args['test']} test images to {out}")
     return 0
 
 

@@ -10,17 +10,32 @@ import importlib.util
 import os
 import sys
 import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping
 from functools import partial
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
+import mlflow.data
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.async_logging.run_operations import RunOperations
 
-# Bounds for MLflow's own retries of every later request, unless the user set them:
-# its defaults (7 retries, factor 2, 120 s timeouts) hang a failing call silently for
-# minutes. Longer outages are waited for by during_run(), which says what it waits for.
+if TYPE_CHECKING:  # the registry commands use this module and need no torch
+    from trainer.data import Split
+
+T = TypeVar("T")
+Log = Callable[..., None]  # print-like: log(message, file=..., flush=...)
+
+# MLflow stores a dataset's digest in 36 characters; the full checksum goes in a tag.
+DATASET_DIGEST_CHARS = 32
+# Bounds for MLflow's own retries of every later request, unless the environment sets them
+# (compose does, with these values, for the trainer and serving alike): MLflow's defaults
+# (7 retries, factor 2, 120 s timeouts) would hang a failing call silently for minutes in a
+# run outside compose. Longer outages are waited for by during_run(), which says so.
 HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -35,7 +50,7 @@ class TrackingUnavailable(Exception):
     """The tracking server could not be reached or refused us."""
 
 
-def redact(uri):
+def redact(uri: str | None) -> str | None:
     """The URI without user:password, safe to print and to store in tags."""
     if not uri:
         return uri
@@ -48,12 +63,12 @@ def redact(uri):
     return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
-def is_http(uri):
+def is_http(uri: str | None) -> bool:
     return urlsplit(uri or "").scheme in ("http", "https")
 
 
 @contextlib.contextmanager
-def _environment(overrides):
+def _environment(overrides: Mapping[str, str]) -> Iterator[None]:
     saved = {key: os.environ.get(key) for key in overrides}
     os.environ.update(overrides)
     try:
@@ -66,7 +81,7 @@ def _environment(overrides):
                 os.environ[key] = value
 
 
-def _transient(error):
+def _transient(error: Exception) -> bool:
     # Connection errors surface as INTERNAL_ERROR (HTTP 500) in MLflow; 4xx answers
     # such as bad credentials or a forbidden host will not heal by waiting.
     if isinstance(error, MlflowException):
@@ -75,7 +90,7 @@ def _transient(error):
     return isinstance(error, (ConnectionError, TimeoutError, OSError))
 
 
-def _short(error):
+def _short(error: BaseException) -> str:
     text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
     return text if len(text) <= 300 else text[:297] + "..."
 
@@ -83,12 +98,13 @@ def _short(error):
 class GaveUp(Exception):
     """A transient failure outlasted the time allowed for it."""
 
-    def __init__(self, error, attempts, elapsed):
+    def __init__(self, error: Exception, attempts: int, elapsed: float) -> None:
         super().__init__(str(error))
         self.error, self.attempts, self.elapsed = error, attempts, elapsed
 
 
-def retry_transient(call, budget_s, on_retry, sleep=time.sleep, clock=time.monotonic):
+def retry_transient(call: Callable[[], T], budget_s: float, on_retry: Callable[[Exception, float], None],
+                    sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> T:
     """Return call(), retrying transient failures with doubling waits (1, 2, 4 ... 10 s).
 
     A permanent failure is raised at once; a transient one that lasts past budget_s raises
@@ -111,7 +127,8 @@ def retry_transient(call, budget_s, on_retry, sleep=time.sleep, clock=time.monot
             wait = min(wait * 2, MAX_BACKOFF_S)
 
 
-def connect(tracking_uri, timeout_s, log=print, sleep=time.sleep, clock=time.monotonic):
+def connect(tracking_uri: str | None, timeout_s: float, log: Log = print, sleep: Callable[[float], None] = time.sleep,
+            clock: Callable[[], float] = time.monotonic) -> str:
     """Point MLflow at tracking_uri and prove it answers a real API call.
 
     Retries transient failures until timeout_s has passed, then raises TrackingUnavailable
@@ -126,7 +143,7 @@ def connect(tracking_uri, timeout_s, log=print, sleep=time.sleep, clock=time.mon
     client = MlflowClient(uri)
     started = clock()
 
-    def probe():
+    def probe() -> None:
         remaining = timeout_s - (clock() - started)
         probe_timeout = str(max(1, int(min(PROBE_TIMEOUT_S, max(remaining, 1)))))
         # A real API call: /health answers even when the host check or auth would
@@ -135,11 +152,11 @@ def connect(tracking_uri, timeout_s, log=print, sleep=time.sleep, clock=time.mon
                            "MLFLOW_HTTP_REQUEST_TIMEOUT": probe_timeout}):
             client.search_experiments(max_results=1)
 
-    def on_retry(error, wait):
+    def on_retry(error: Exception, wait: float) -> None:
         log(f"tracking server {shown} not reachable yet ({_short(error)}); "
             f"retrying in {wait:g} s", file=sys.stderr)
 
-    def failed(error):
+    def failed(error: Exception) -> TrackingUnavailable:
         return TrackingUnavailable(
             f"MLflow tracking at {shown} failed: {_short(error)}. Check "
             "MLFLOW_TRACKING_URI and MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD.")
@@ -161,14 +178,15 @@ def connect(tracking_uri, timeout_s, log=print, sleep=time.sleep, clock=time.mon
     return uri
 
 
-def during_run(what, call, budget_s, log=print, sleep=time.sleep, clock=time.monotonic):
+def during_run(what: str, call: Callable[[], T], budget_s: float, log: Log = print,
+               sleep: Callable[[float], None] = time.sleep, clock: Callable[[], float] = time.monotonic) -> T:
     """Return call(), made while a run is in progress.
 
     When the tracking server, or the storage behind it, stops answering mid-run (a restart,
     an upgrade), training should not be thrown away: the call is retried, saying so, for
     up to budget_s (--outage-timeout), then TrackingUnavailable names what was lost.
     """
-    def on_retry(error, wait):
+    def on_retry(error: Exception, wait: float) -> None:
         log(f"tracking server not answering while {what} ({_short(error)}); retrying in {wait:g} s",
             file=sys.stderr, flush=True)
 
@@ -181,7 +199,7 @@ def during_run(what, call, budget_s, log=print, sleep=time.sleep, clock=time.mon
         ) from gave_up.error
 
 
-def run_url(tracking_uri, experiment_id, run_id):
+def run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
     # Inside compose the trainer reaches the server as http://mlflow:5000, a name only
     # containers resolve; MLFLOW_UI_URL is the address people open in a browser.
     base = os.environ.get("MLFLOW_UI_URL") or (tracking_uri if is_http(tracking_uri) else "")
@@ -190,8 +208,28 @@ def run_url(tracking_uri, experiment_id, run_id):
     return f"runs:/{run_id}"
 
 
-def system_metrics_available():
+def system_metrics_available() -> bool:
     return importlib.util.find_spec("psutil") is not None
+
+
+def dataset(split: "Split", name: str, source: Path, sha256: str) -> mlflow.data.Dataset:
+    """The split as an MLflow dataset, shown in the run's Datasets section: its shape and
+    dtype, where it was read from, and the checksum of the files."""
+    with warnings.catch_warnings():
+        # A local path matches MLflow's local source under two schemes, "" and "file";
+        # it warns that it picked one, and either is this one.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        return mlflow.data.from_numpy(split.images.cpu().numpy(), targets=split.labels.cpu().numpy(),
+                                      source=str(source), name=name, digest=sha256[:DATASET_DIGEST_CHARS])
+
+
+def log_datasets(train: "Split", test: "Split", source: Path, sha256: str, outage_s: float) -> None:
+    """Log the training and the evaluation data, read from `source`, as inputs of the active run."""
+    for split, name, context in ((train, "fashion-mnist-train", "training"),
+                                 (test, "fashion-mnist-test", "evaluation")):
+        logged = dataset(split, name, source, sha256)
+        during_run(f"logging the {context} dataset",
+                   partial(mlflow.log_input, logged, context=context, tags={"dataset_sha256": sha256}), outage_s)
 
 
 class MetricLogger:
@@ -206,31 +244,32 @@ class MetricLogger:
     run instead of vanishing. Sending twice is safe: the server drops exact duplicates.
     """
 
-    def __init__(self, run_id, client=None, interval_s=5.0, clock=time.monotonic, outage_s=300.0,
-                 sleep=time.sleep):
+    def __init__(self, run_id: str, client: MlflowClient | None = None, interval_s: float = 5.0,
+                 clock: Callable[[], float] = time.monotonic, outage_s: float = 300.0,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         self.run_id = run_id
         self.client = client or MlflowClient()
         self.interval_s = interval_s
         self.clock = clock
         self.outage_s = outage_s
         self.sleep = sleep
-        self.buffer = []
-        self.pending = []
+        self.buffer: list[Metric] = []
+        self.pending: list[tuple[list[Metric], RunOperations]] = []
         self.last_sent = clock()
 
-    def log(self, metrics, step):
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
         now = int(time.time() * 1000)
         self.buffer.extend(Metric(key, float(value), now, step) for key, value in metrics.items())
         if self.clock() - self.last_sent >= self.interval_s:
             self._send()
 
-    def _send(self):
+    def _send(self) -> None:
         if self.buffer:
             batch, self.buffer = self.buffer, []
             self.pending.append((batch, self.client.log_batch(self.run_id, metrics=batch, synchronous=False)))
         self.last_sent = self.clock()
 
-    def flush(self):
+    def flush(self) -> None:
         self._send()
         pending, self.pending = self.pending, []
         for batch, operation in pending:
@@ -242,14 +281,15 @@ class MetricLogger:
 
 
 class NoLogger:
-    def log(self, metrics, step):
+    def log(self, metrics: Mapping[str, float], step: int) -> None:
         pass
 
-    def flush(self):
+    def flush(self) -> None:
         pass
 
 
-def end_run(status, outage_s=300.0, sleep=time.sleep, clock=time.monotonic):
+def end_run(status: str, outage_s: float = 300.0, sleep: Callable[[float], None] = time.sleep,
+            clock: Callable[[], float] = time.monotonic) -> None:
     """End the active run with status (FINISHED, FAILED or KILLED), if one is active.
 
     A run left RUNNING misleads everyone who looks at it, so a server that went away is

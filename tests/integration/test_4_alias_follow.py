@@ -49,7 +49,7 @@ class SteadyClient:
 def models_cli(stack: Stack, *args: str):
     """What `make promote`, `make rollback` and `make models` run."""
     return stack.compose("run", "--rm", "--no-deps", "-T", "--entrypoint", "python", "trainer",
-                         "-m", "trainer.models", *args, check=False)
+                         "-m", "trainer.registry_cli", *args, check=False)
 
 
 def alias_version(client: MlflowClient, stack: Stack) -> str:

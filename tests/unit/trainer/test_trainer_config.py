@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import SIGNING_ENV
 
-from trainer import config
+from trainer import config, sample, synthetic
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -109,6 +109,13 @@ def test_untracked_run_needs_no_signing_key():
     assert SIGNING_ENV["MODEL_SIGNING_KEY"][:40] not in repr(keyed) and "BEGIN" not in repr(keyed)
 
 
+def test_signing_key_is_read_from_the_environment_only():
+    # A flag would show the secret in `ps` and in shell history.
+    assert not [s.flag for s in config.SETTINGS if "KEY" in s.envvar or "key" in s.flag]
+    with pytest.raises(config.ConfigError, match="No such option '--signing-key'"):
+        config.parse(["--signing-key", "x"], environ={})
+
+
 def test_unknown_flag_is_one_line_and_status_2():
     result = run_cli("--epoch", "3")
     assert result.returncode == 2
@@ -118,9 +125,16 @@ def test_unknown_flag_is_one_line_and_status_2():
 def test_help_documents_every_flag_with_its_environment_variable():
     result = run_cli("--help")
     assert result.returncode == 0
-    for option in config.OPTIONS:
-        assert option.flag in result.stdout
-        assert option.env in result.stdout
+    for setting in config.SETTINGS:
+        assert setting.flag in result.stdout
+        assert setting.envvar in result.stdout
+
+
+def test_readme_flag_table_is_the_declared_one():
+    # Regenerate with `python -m trainer.config` when a flag changes.
+    readme = (ROOT / "trainer" / "README.md").read_text()
+    assert config.flag_table() in readme
+    assert config.flag_table().count("\n| `--") == len(config.SETTINGS)
 
 
 def test_cuda_requested_without_a_gpu_is_a_configuration_error(monkeypatch):
@@ -132,3 +146,16 @@ def test_cuda_requested_without_a_gpu_is_a_configuration_error(monkeypatch):
     with pytest.raises(config.ConfigError, match="--device is 'cuda' but PyTorch sees no CUDA device"):
         loop.pick_device("cuda")
     assert loop.pick_device("auto").type == "cpu"
+
+
+@pytest.mark.parametrize("module, args, expected", [
+    (synthetic, ["--train", "0"], "python -m trainer.synthetic: error: --train must be an integer from 1 to 10000000, "
+                                  "got '0'"),
+    (sample, ["--count", "0"], "python -m trainer.sample: error: --count must be an integer from 1 to 10000, got '0'"),
+])
+def test_the_data_tools_answer_a_bad_value_with_one_line(module, args, expected, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--data-dir", str(tmp_path), *args])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [expected]
+    assert list(tmp_path.iterdir()) == []

@@ -37,11 +37,11 @@ def splits(data_dir):
     return data.load(data_dir, download=False)
 
 
-def fit(conf, splits, progress=None, model_and_optimizer=None, stop=lambda: False):
-    model, optimizer = model_and_optimizer or job.build(conf, CPU)
+def fit(conf, splits, state=None, stop=lambda: False):
+    state = state or job.build(conf, CPU)
     recorder = Recorder()
-    evaluation = job.fit(model, optimizer, *splits, conf, CPU, progress or loop.Progress(), recorder, stop)
-    return model, evaluation, recorder
+    evaluation = job.fit(state, *splits, conf, recorder, stop)
+    return state.model, evaluation, recorder
 
 
 def test_synthetic_files_are_where_torchvision_looks_and_it_reads_them(tmp_path):
@@ -98,19 +98,18 @@ def test_resuming_a_checkpoint_repeats_the_uninterrupted_run(splits, stop_at_ste
     conf = conf_of("--epochs", "3", "--batch-size", "64", "--log-every", "1")
     straight_model, straight_eval, straight = fit(conf, splits)
 
-    model, optimizer = job.build(conf, CPU)
-    progress = loop.Progress()
+    state = job.build(conf, CPU)
     with pytest.raises(loop.StopRequested):
-        fit(conf, splits, progress, (model, optimizer), stop=lambda: progress.global_step >= stop_at_step)
+        fit(conf, splits, state, stop=lambda: state.progress.global_step >= stop_at_step)
     buffer = io.BytesIO()
-    torch.save(checkpoints.state(model, optimizer, progress, conf), buffer)
+    torch.save(checkpoints.state(state, conf), buffer)
     buffer.seek(0)
     saved = torch.load(buffer, weights_only=True)
 
-    model, optimizer = job.build(conf, CPU)  # fresh weights, then the checkpoint's
-    resumed_progress = checkpoints.restore(saved, model, optimizer)
-    assert resumed_progress.global_step == stop_at_step
-    resumed_model, resumed_eval, resumed = fit(conf, splits, resumed_progress, (model, optimizer))
+    resumed_state = job.build(conf, CPU)  # fresh weights, then the checkpoint's
+    checkpoints.restore(saved, resumed_state)
+    assert resumed_state.progress.global_step == stop_at_step
+    resumed_model, resumed_eval, resumed = fit(conf, splits, resumed_state)
 
     assert resumed_eval["loss"] == straight_eval["loss"]
     assert torch.equal(resumed_eval["confusion"], straight_eval["confusion"])

@@ -66,6 +66,26 @@ def test_a_signal_saves_a_checkpoint_and_ends_the_run_killed(train, store, monke
     assert MlflowClient().get_run(resumed.run_id).data.tags["resumed_checkpoint"] == checkpoints[0]
 
 
+def test_a_second_signal_stops_at_once_and_still_ends_the_run_killed(train, store, monkeypatch):
+    log = tracking.MetricLogger.log
+
+    def log_then_signal_twice(self, metrics, step):
+        log(self, metrics, step)
+        if step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(tracking.MetricLogger, "log", log_then_signal_twice)
+    handlers_before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    result = train("--epochs", "2", "--batch-size", "64", "--log-every", "2")
+    assert result.code == 130
+    run = only_run(store)
+    assert result.err.strip().splitlines()[-1] == f"stopped at once; run runs:/{run.info.run_id} marked KILLED"
+    assert run.info.status == "KILLED"
+    assert MlflowClient().search_registered_models() == []
+    assert {s: signal.getsignal(s) for s in handlers_before} == handlers_before
+
+
 def closed_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

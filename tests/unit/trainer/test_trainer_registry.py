@@ -1,11 +1,11 @@
-"""Promotion policies, alias history and the `python -m trainer.models` commands."""
+"""Promotion policies, alias history and the `python -m trainer.registry_cli` commands."""
 
 import json
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from trainer import models, registry
+from trainer import registry, registry_cli
 
 NAME, ALIAS = "fashion-mnist-cnn", "production"
 
@@ -72,7 +72,7 @@ def test_alias_history_is_kept_on_the_registered_model(client):
 
 
 def cli(capsys, *args):
-    code = models.main(list(args))
+    code = registry_cli.main(list(args))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -98,7 +98,7 @@ def test_promote_and_rollback_walk_the_history(client, capsys):
     assert cli(capsys, "rollback")[1] == "fashion-mnist-cnn@production -> version 1 (rolled back from version 2)\n"
     code, out, err = cli(capsys, "rollback")
     assert (code, out) == (2, "")
-    assert err == ("python -m trainer.models: error: nothing to roll back to: "
+    assert err == ("python -m trainer.registry_cli: error: nothing to roll back to: "
                    "no earlier holder of @production of fashion-mnist-cnn is recorded\n")
     assert holder(client) == "1"
 
@@ -114,7 +114,7 @@ def test_unknown_version_exits_2_with_one_line(client, capsys):
     add_version(client, 0.5)
     code, out, err = cli(capsys, "promote", "7")
     assert (code, out) == (2, "")
-    assert err == "python -m trainer.models: error: fashion-mnist-cnn has no version 7 (versions: 1)\n"
+    assert err == "python -m trainer.registry_cli: error: fashion-mnist-cnn has no version 7 (versions: 1)\n"
     code, _, err = cli(capsys, "promote", "seven")
     assert code == 2 and "VERSION must be a version number" in err
 
@@ -122,3 +122,12 @@ def test_unknown_version_exits_2_with_one_line(client, capsys):
 def test_unknown_model_is_a_clear_error(store, capsys):
     code, _, err = cli(capsys, "list", "--model-name", "nothing-here")
     assert code == 2 and "no registered model named 'nothing-here'" in err
+
+
+@pytest.mark.parametrize("args, expected", [((), "Missing command."), (("promote",), "Missing argument 'VERSION'."),
+                                            (("list", "--model-alias", "latest"), "--model-alias must be letters")])
+def test_incomplete_or_bad_commands_are_one_line_and_contact_nothing(args, expected, capsys, monkeypatch):
+    monkeypatch.setattr(registry_cli, "connect", lambda *a: pytest.fail("contacted the tracking server"))
+    code, out, err = cli(capsys, *args)
+    assert (code, out) == (2, "")
+    assert len(err.splitlines()) == 1 and err.startswith(f"python -m trainer.registry_cli: error: {expected}")

@@ -15,7 +15,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 import model_signatures
-from trainer import config, data, models
+from trainer import config, data, registry_cli
 
 ROOT = Path(__file__).resolve().parents[3]
 EPOCHS, BATCH, LOG_EVERY = 2, 64, 2
@@ -66,9 +66,9 @@ def test_run_finished_with_every_flag_as_a_parameter(first):
     run = run_of(first)
     assert run.info.status == "FINISHED"
     params = run.data.params
-    for option in config.OPTIONS:
-        if option.dest not in ("no_tracking", "tracking_uri", "no_download"):
-            assert option.dest in params, option.dest
+    for setting in config.SETTINGS:
+        if setting.name not in ("no_tracking", "tracking_uri", "no_download"):
+            assert setting.name in params, setting.name
     assert params["epochs"] == "2" and params["arch"] == "small-cnn" and params["device"] == "cpu"
     assert params["train_samples"] == "512" and params["steps_per_epoch"] == str(STEPS_PER_EPOCH)
 
@@ -81,6 +81,22 @@ def test_tags_record_dataset_device_and_registration(first):
     assert tags["system_metrics"] == "on"
     assert tags["registered_version"] == "1" and tags["promoted"] == "yes"
     assert tags.get("git_commit") == tags.get("mlflow.source.git.commit")
+
+
+def test_train_and_test_data_are_the_runs_datasets(first):
+    sha256 = data.checksum(tags_data_dir(first))
+    logged = {}
+    for dataset_input in run_of(first).inputs.dataset_inputs:
+        tags = {tag.key: tag.value for tag in dataset_input.tags}
+        dataset = dataset_input.dataset
+        logged[tags["mlflow.data.context"]] = (dataset.name, dataset.digest, tags["dataset_sha256"],
+                                               json.loads(dataset.profile)["features_shape"],
+                                               json.loads(dataset.source)["uri"])
+    source = str((tags_data_dir(first) / "FashionMNIST" / "raw").resolve())
+    assert logged == {
+        "training": ("fashion-mnist-train", sha256[:32], sha256, [512, 28, 28], source),
+        "evaluation": ("fashion-mnist-test", sha256[:32], sha256, [256, 28, 28], source),
+    }
 
 
 def tags_data_dir(first):
@@ -147,7 +163,7 @@ def test_sign_command_signs_a_version_logged_without_a_signature(client, first, 
     with pytest.raises(pytest.fail.Exception, match="refused: it is not signed"):
         verify(client, "1", public, tmp_path)
 
-    assert models.main(["sign", "1"]) == 0
+    assert registry_cli.main(["sign", "1"]) == 0
     assert capsys.readouterr().out.strip() == "fashion-mnist-cnn version 1 signed"
     verify(client, "1", public, tmp_path)
 
@@ -162,7 +178,7 @@ def test_sign_command_refuses_a_loader_other_than_the_trainers(client, first, ca
     client.create_registered_model("pickled")
     version = client.create_model_version("pickled", logged.model_uri).version
     capsys.readouterr()
-    assert models.main(["sign", str(version), "--model-name", "pickled"]) == 2
+    assert registry_cli.main(["sign", str(version), "--model-name", "pickled"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"version {version} not signed: it holds a pickled Python model" in err[0]
     files = mlflow.artifacts.download_artifacts(artifact_uri=client.get_model_version_download_uri("pickled", version),
@@ -172,8 +188,8 @@ def test_sign_command_refuses_a_loader_other_than_the_trainers(client, first, ca
 
 def test_sign_command_needs_the_private_key(client, first, monkeypatch, capsys):
     monkeypatch.delenv("MODEL_SIGNING_KEY")
-    assert models.main(["sign", "1"]) == 2
-    assert capsys.readouterr().err.strip() == ("python -m trainer.models: error: MODEL_SIGNING_KEY is not set; "
+    assert registry_cli.main(["sign", "1"]) == 2
+    assert capsys.readouterr().err.strip() == ("python -m trainer.registry_cli: error: MODEL_SIGNING_KEY is not set; "
                                                "run 'make env' (it writes the model signing key pair)")
 
 
