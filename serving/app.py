@@ -251,8 +251,9 @@ class ServingApp:
         if mime == "application/json" and params.get("charset", "utf-8") == "utf-8" and (
             params.keys() <= {"charset"}
         ):
+            direct = self.settings.direct_path
             if len(body) <= INLINE_MAX_BYTES:
-                data = scoring.parse_tensor_body(model, body)
+                data = scoring.parse_json_body(model, body, direct)
                 if data is None or isinstance(data, Reply):
                     reply = data
                 elif self._batcher is not None and model.batchable:
@@ -261,7 +262,7 @@ class ServingApp:
                     reply = scoring.predict_reply(model, data)
             else:
                 loop = asyncio.get_running_loop()
-                reply = await loop.run_in_executor(self._executor, scoring.score_json, model, body)
+                reply = await loop.run_in_executor(self._executor, scoring.score_json, model, body, direct)
             if reply is not None:
                 return await self._send(send, reply, model)
         await self._forward(model, scope, receive, send, body)

@@ -41,6 +41,7 @@ class Settings:
     bind_host: str = "0.0.0.0"
     graceful_timeout: int = 30
     batch_max_rows: int = 32
+    direct_path: bool = True
 
     @property
     def model_uri(self) -> str:
