@@ -78,6 +78,17 @@ def _number(env, name, default, kind, low, high, unit=""):
     return value
 
 
+def _flag(env, name, default):
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("true", "1", "yes", "on"):
+        return True
+    if raw in ("false", "0", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} is not valid: expected true or false")
+
+
 def from_env(env=None) -> Settings:
     """Build Settings from os.environ (or a given mapping); raise ConfigError on nonsense."""
     env = os.environ if env is None else env
@@ -124,6 +135,7 @@ def from_env(env=None) -> Settings:
             env, "SERVING_GRACEFUL_TIMEOUT", 30, int, 1, 3600, " seconds"
         ),
         batch_max_rows=_number(env, "SERVING_BATCH_MAX_ROWS", 32, int, 1, 4096),
+        direct_path=_flag(env, "SERVING_DIRECT_PATH", True),
     )
 
 

@@ -78,3 +78,10 @@ def test_nonsense_is_one_line_naming_the_setting(name, value):
 def test_credentials_never_shown():
     assert config.safe_uri("http://serving:s3cret@mlflow:5000/") == "http://mlflow:5000/"
     assert config.safe_uri("http://mlflow:5000") == "http://mlflow:5000"
+
+
+def test_direct_path_can_be_turned_off():
+    assert config.from_env(REQUIRED).direct_path is True
+    assert config.from_env({**REQUIRED, "SERVING_DIRECT_PATH": "false"}).direct_path is False
+    with pytest.raises(config.ConfigError, match="SERVING_DIRECT_PATH"):
+        config.from_env({**REQUIRED, "SERVING_DIRECT_PATH": "perhaps"})
