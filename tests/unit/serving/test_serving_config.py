@@ -1,6 +1,7 @@
 """Serving settings: defaults, and a one-line error for each value that cannot work."""
 
 import base64
+from pathlib import Path
 
 import pytest
 from signing_keys import signing_key_pair
@@ -85,3 +86,12 @@ def test_direct_path_can_be_turned_off():
     assert config.from_env({**REQUIRED, "SERVING_DIRECT_PATH": "false"}).direct_path is False
     with pytest.raises(config.ConfigError, match="SERVING_DIRECT_PATH"):
         config.from_env({**REQUIRED, "SERVING_DIRECT_PATH": "perhaps"})
+
+
+def test_every_setting_declares_its_variable_and_meaning():
+    for name, field in config.Settings.model_fields.items():
+        assert field.alias and field.alias.upper() == field.alias, name
+        assert field.description, name
+    documented = (Path(config.__file__).parent / "README.md").read_text()
+    missing = [f.alias for f in config.Settings.model_fields.values() if f"`{f.alias}`" not in documented]
+    assert not missing, f"not in serving/README.md: {missing}"

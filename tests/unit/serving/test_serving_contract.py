@@ -4,7 +4,6 @@ behind it does; the only difference is on purpose: values of the wrong JSON type
 where MLflow casts them into a prediction."""
 
 import asyncio
-import dataclasses
 
 import malformed_requests
 import pytest
@@ -38,7 +37,7 @@ def apps(registry, tmp_path_factory):
                                cache_dir=str(tmp_path_factory.mktemp("cache")))
     started = []
     for direct in (True, False):
-        app = ServingApp(dataclasses.replace(settings, direct_path=direct))
+        app = ServingApp(settings.model_copy(update={"direct_path": direct}))
         app.start()
         started.append(app)
     for app in started:
