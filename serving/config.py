@@ -13,9 +13,10 @@ import re
 from collections.abc import Mapping
 
 import annotated_types
-import model_signatures
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.fields import FieldInfo
+
+import model_signatures
 
 MIB = 1024 * 1024
 
@@ -55,7 +56,8 @@ class Settings(BaseModel):
                                description="torch intra-op threads per worker")
     port: int = Field(8080, alias="SERVING_CONTAINER_PORT", ge=1, le=65535, description="port to listen on")
     bind_host: str = Field("0.0.0.0", alias="SERVING_BIND_HOST", description="address to listen on")
-    graceful_timeout: int = Field(30, alias="SERVING_GRACEFUL_TIMEOUT", ge=1, le=3600, json_schema_extra={"unit": " seconds"},
+    graceful_timeout: int = Field(30, alias="SERVING_GRACEFUL_TIMEOUT", ge=1, le=3600,
+                                  json_schema_extra={"unit": " seconds"},
                                   description="seconds requests in flight get on SIGTERM")
     batch_max_rows: int = Field(32, alias="SERVING_BATCH_MAX_ROWS", ge=1, le=4096,
                                 description="rows per batched predict call; 1 turns batching off")

@@ -40,7 +40,8 @@ def plain_numbers(body: bytes, tensor: object, rank: int, dtype: np.dtype) -> np
 
     numpy would cast booleans, numeric strings and null, so a body holding any string but
     the key, any object but the document, or the words true, false or null (even inside a
-    string) is left to the full walk. One conversion, as the direct path always did it."""
+    string) is left to the full walk. One conversion straight to `dtype`: a separate cast
+    releases the GIL, which let a version switch land in the middle of one batch."""
     if body.count(b'"') != 2 or body.count(b"{") != 1 or any(w in body for w in (b"true", b"false", b"null")):
         return None
     try:

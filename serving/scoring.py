@@ -70,7 +70,7 @@ def _log_unexpected(what: str) -> None:
         log.warning("%s (further ones muted for %.0fs)", what, _UNEXPECTED_LOG_INTERVAL, exc_info=True)
 
 
-def predictions_body(predictions) -> bytes:
+def predictions_body(predictions: object) -> bytes:
     if isinstance(predictions, np.ndarray):
         # What MLflow's NumpyEncoder writes for an array, without its per-item dispatch.
         return json.dumps({"predictions": predictions.tolist()}).encode()
@@ -81,7 +81,7 @@ def predictions_body(predictions) -> bytes:
     return out.getvalue().encode()
 
 
-def predict_reply(model, data) -> Reply:
+def predict_reply(model: LoadedModel, data: object) -> Reply:
     """Run the pyfunc on parsed input; errors become JSON answers as in MLflow's server."""
     try:
         predictions = model.pyfunc.predict(data)
@@ -142,7 +142,7 @@ def score_json(model: LoadedModel, body: bytes, direct: bool = True) -> Reply | 
     return predict_reply(model, data)
 
 
-def predict_batch(model, arrays: list) -> list[Reply]:
+def predict_batch(model: LoadedModel, arrays: list[np.ndarray]) -> list[Reply]:
     """Answer several requests with one predict call on their rows stacked, as if each
     had been scored alone. Any doubt (an error, output rows not matching input rows)
     falls back to scoring them one by one, so one bad request cannot fail the others."""
@@ -162,7 +162,7 @@ def predict_batch(model, arrays: list) -> list[Reply]:
     return [predict_reply(model, a) for a in arrays]
 
 
-def example_request(model) -> bytes | None:
+def example_request(model: LoadedModel) -> bytes | None:
     """A body the model must answer before it is served: its saved serving input example,
     else a zero tensor of the signature's shape (every -1 taken as 1)."""
     info = getattr(model.pyfunc.metadata, "saved_input_example_info", None) or {}
@@ -181,7 +181,7 @@ def example_request(model) -> bytes | None:
     return None
 
 
-def check_answers(model) -> None:
+def check_answers(model: LoadedModel) -> None:
     """Raise unless the model answers its example request with finite predictions."""
     body = example_request(model)
     if body is None:
@@ -211,7 +211,7 @@ def check_answers(model) -> None:
     if outputs is not None and outputs.is_tensor_spec() and len(outputs.inputs) == 1:
         expected = outputs.inputs[0].shape
         if values.ndim != len(expected) or any(
-            e != -1 and e != got for e, got in zip(expected, values.shape)
+            e != -1 and e != got for e, got in zip(expected, values.shape, strict=True)
         ):
             raise RuntimeError(
                 f"example request answered shape {list(values.shape)}, "
@@ -219,7 +219,7 @@ def check_answers(model) -> None:
             )
 
 
-def rows_score_independently(model) -> bool:
+def rows_score_independently(model: LoadedModel) -> bool:
     """Whether stacking requests changes no one's answer, so that they may be batched:
     the example scored alone must come out the same when scored beside other rows.
     A model that normalises over the batch, or anything else that fails, says no."""

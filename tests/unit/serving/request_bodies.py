@@ -60,10 +60,11 @@ VALID = [
     Body("dataframe_split", _json({"dataframe_split": {"columns": COLUMNS, "data": FLAT}})),
     Body("dataframe_split with params",
          _json({"dataframe_split": {"columns": COLUMNS, "data": FLAT}, "params": {}})),
-    Body("dataframe_records", _json({"dataframe_records": [dict(zip(COLUMNS, row)) for row in FLAT]})),
+    Body("dataframe_records", _json({"dataframe_records": [dict(zip(COLUMNS, row, strict=True)) for row in FLAT]})),
     Body("dataframe_records with params",
-         _json({"dataframe_records": [dict(zip(COLUMNS, row)) for row in FLAT], "params": {}})),
-    Body("dataframe_split of images", _json({"dataframe_split": {"columns": ["image"], "data": [[p] for p in PIXELS]}})),
+         _json({"dataframe_records": [dict(zip(COLUMNS, row, strict=True)) for row in FLAT], "params": {}})),
+    Body("dataframe_split of images",
+         _json({"dataframe_split": {"columns": ["image"], "data": [[p] for p in PIXELS]}})),
     # CSV carries no params in MLflow's protocol.
     Body("CSV", _csv(FLAT), CSV),
 ]
@@ -99,9 +100,9 @@ WRONG_TYPES = [
          _json({"dataframe_split": {"columns": COLUMNS, "data": _with(True, (1, 0), FLAT)}}),
          where="dataframe_split.data[1][0]"),
     Body("dataframe_records boolean value",
-         _json({"dataframe_records": [{**dict(zip(COLUMNS, FLAT[0])), "p7": True}]}),
+         _json({"dataframe_records": [{**dict(zip(COLUMNS, FLAT[0], strict=True)), "p7": True}]}),
          where="dataframe_records[0].p7"),
     Body("dataframe_records null value",
-         _json({"dataframe_records": [{**dict(zip(COLUMNS, FLAT[0])), "p7": None}]}),
+         _json({"dataframe_records": [{**dict(zip(COLUMNS, FLAT[0], strict=True)), "p7": None}]}),
          where="dataframe_records[0].p7"),
 ]

@@ -106,9 +106,8 @@ def test_status_shows_no_internal_error_text(registry, apps, tmp_path):
 @pytest.mark.parametrize("kind", ["altered-code", "unsigned"])
 def test_workers_refusing_the_same_version_at_once_give_the_same_reason(registry, tmp_path, kind):
     """Workers share the cache: one worker's refusal must not change what another sees."""
-    from serving.model_store import ModelStore, resolve_alias
-
     from model_signatures import Refused
+    from serving.model_store import ModelStore, resolve_alias
 
     name = registry.new_model("good-a", kind)
     registry.point(name, 2)
