@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from urllib.parse import urlsplit, urlunsplit
 
 import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -147,4 +148,7 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
 
 def safe_uri(uri: str) -> str:
     """The URI with any user:password@ removed, for logs and /status."""
-    return re.sub(r"(?<=://)[^/@]*@", "", uri)
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))

@@ -95,3 +95,12 @@ def test_every_setting_declares_its_variable_and_meaning():
     documented = (Path(config.__file__).parent / "README.md").read_text()
     missing = [f.alias for f in config.Settings.model_fields.values() if f"`{f.alias}`" not in documented]
     assert not missing, f"not in serving/README.md: {missing}"
+
+
+@pytest.mark.parametrize("uri, shown", [
+    ("https://user:p%40ss@mlflow.example:443/prefix?x=1", "https://mlflow.example:443/prefix?x=1"),
+    ("http://token@mlflow:5000", "http://mlflow:5000"),
+    ("sqlite:///tmp/mlflow.db", "sqlite:///tmp/mlflow.db"),
+])
+def test_credentials_never_shown_in_any_uri(uri, shown):
+    assert config.safe_uri(uri) == shown
