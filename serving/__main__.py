@@ -23,12 +23,7 @@ def _prepare_environment(settings: config.Settings) -> None:
     # Thread pools sized before torch or numpy start them: workers x threads <= cores.
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env.setdefault(name, str(settings.torch_threads))
-    # MLflow's client retries 7 times with backoff by default, minutes per poll when the
-    # tracking server is down; the watcher has its own retry schedule.
-    env.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    env.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
-    # The container talks to the tracking server only.
-    env.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    # MLflow's client retry bounds and telemetry switch come from compose's client environment.
 
 
 def _check_cores(settings: config.Settings) -> None:

@@ -11,15 +11,33 @@ hand-off to the model the alias watcher currently serves.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import sys
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from serving import config, scoring
+from serving.model_store import LoadedModel
 from serving.scoring import Reply, error_reply
 from serving.watcher import AliasWatcher
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from serving.model_store import ModelStore
+
+# The ASGI interface, as uvicorn calls the app.
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+Headers = Iterable[tuple[bytes, bytes]]
 
 log = logging.getLogger("serving")
 
@@ -57,7 +75,7 @@ def _configure_logging() -> None:
         log.propagate = False
 
 
-def _header(scope, name: bytes) -> bytes | None:
+def _header(scope: Scope, name: bytes) -> bytes | None:
     for key, value in scope["headers"]:
         if key == name:
             return value
@@ -85,13 +103,13 @@ class _Batcher:
     requests that were already parsed beside it, and the batch is scored on the loop's
     next turn. Requests holding different versions (during a swap) are scored apart."""
 
-    def __init__(self, max_rows: int):
+    def __init__(self, max_rows: int) -> None:
         self.max_rows = max_rows
-        self._pending: list = []
+        self._pending: list[tuple[LoadedModel, np.ndarray, asyncio.Future]] = []
         self.requests = 0  # requests scored in a batch of two or more
         self.predict_calls = 0  # predict calls those batches took
 
-    def submit(self, model, data) -> asyncio.Future:
+    def submit(self, model: LoadedModel, data: np.ndarray) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         if not self._pending:
@@ -120,13 +138,14 @@ class _Batcher:
             except Exception:  # a future left unresolved would hang its request for good
                 log.exception("scoring a batch failed")
                 replies = [error_reply(500, "Internal error while scoring")] * len(batch)
-            for (_, _, future), reply in zip(batch, replies):
+            for (_, _, future), reply in zip(batch, replies, strict=True):
                 if not future.cancelled():
                     future.set_result(reply)
 
 
 class ServingApp:
-    def __init__(self, settings: config.Settings, registry=None, store=None):
+    def __init__(self, settings: config.Settings, registry: MlflowClient | None = None,
+                 store: ModelStore | None = None) -> None:
         self.settings = settings
         self.watcher = AliasWatcher(settings, registry=registry, store=store)
         # One scoring thread per worker for large bodies: torch's intra-op threads do the
@@ -149,7 +168,7 @@ class ServingApp:
         if self._executor is not None:
             self._executor.shutdown(wait=False)
 
-    async def _lifespan(self, receive, send) -> None:
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
             message = await receive()
             if message["type"] == "lifespan.startup":
@@ -162,7 +181,7 @@ class ServingApp:
 
     # -- ASGI entry ------------------------------------------------------------------------
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
         if kind == "lifespan":
             return await self._lifespan(receive, send)
@@ -170,12 +189,11 @@ class ServingApp:
             return  # no websockets here; the server closes the connection
         if self._executor is None:
             self.start()  # servers that skip lifespan events still get a watcher
-        try:
+        # A client that left before sending its whole body has nobody to answer.
+        with contextlib.suppress(_ClientGone):
             await self._http(scope, receive, send)
-        except _ClientGone:
-            pass  # the client left before sending its whole body; nobody to answer
 
-    async def _http(self, scope, receive, send) -> None:
+    async def _http(self, scope: Scope, receive: Receive, send: Send) -> None:
         model = self.watcher.current
         path = scope["path"]
         method = scope["method"]
@@ -199,7 +217,7 @@ class ServingApp:
         if body is not None:
             await self._forward(model, scope, receive, send, body)
 
-    def _status(self, model) -> dict:
+    def _status(self, model: LoadedModel | None) -> dict[str, Any]:
         status = self.watcher.status()
         batcher = self._batcher
         status["batching"] = {
@@ -212,7 +230,7 @@ class ServingApp:
 
     # -- /invocations ------------------------------------------------------------------------
 
-    async def _invocations(self, model, scope, receive, send) -> None:
+    async def _invocations(self, model: LoadedModel | None, scope: Scope, receive: Receive, send: Send) -> None:
         body = await self._read_body(scope, receive, send, model)
         if body is None:
             return
@@ -251,8 +269,9 @@ class ServingApp:
         if mime == "application/json" and params.get("charset", "utf-8") == "utf-8" and (
             params.keys() <= {"charset"}
         ):
+            direct = self.settings.direct_path
             if len(body) <= INLINE_MAX_BYTES:
-                data = scoring.parse_tensor_body(model, body)
+                data = scoring.parse_json_body(model, body, direct)
                 if data is None or isinstance(data, Reply):
                     reply = data
                 elif self._batcher is not None and model.batchable:
@@ -261,12 +280,13 @@ class ServingApp:
                     reply = scoring.predict_reply(model, data)
             else:
                 loop = asyncio.get_running_loop()
-                reply = await loop.run_in_executor(self._executor, scoring.score_json, model, body)
+                reply = await loop.run_in_executor(self._executor, scoring.score_json, model, body, direct)
             if reply is not None:
                 return await self._send(send, reply, model)
         await self._forward(model, scope, receive, send, body)
 
-    async def _read_body(self, scope, receive, send, model) -> bytes | None:
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send,
+                         model: LoadedModel | None) -> bytes | None:
         """The whole body, or None after answering 413/400 itself. Never holds more than
         the limit in memory."""
         limit = self.settings.max_body_bytes
@@ -317,7 +337,7 @@ class ServingApp:
             return None
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    async def _discard(self, receive, budget: int) -> None:
+    async def _discard(self, receive: Receive, budget: int) -> None:
         try:
             async with asyncio.timeout(DRAIN_SECONDS):
                 while budget > 0:
@@ -330,7 +350,7 @@ class ServingApp:
         except TimeoutError:
             pass
 
-    async def _too_large(self, send, model, what: str) -> None:
+    async def _too_large(self, send: Send, model: LoadedModel | None, what: str) -> None:
         limit = self.settings.max_body_bytes
         await self._send(
             send,
@@ -342,12 +362,12 @@ class ServingApp:
 
     # -- MLflow's scoring app ---------------------------------------------------------------
 
-    async def _forward(self, model, scope, receive, send, body: bytes) -> None:
+    async def _forward(self, model: LoadedModel, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         """Let MLflow's scoring app answer, replaying the body already read; its errors
         are rewritten as bounded JSON and every answer carries the version headers."""
         replayed = False
 
-        async def replay():
+        async def replay() -> Message:
             nonlocal replayed
             if not replayed:
                 replayed = True
@@ -358,7 +378,7 @@ class ServingApp:
         error_body = []
         responded = False
 
-        async def capture(message):
+        async def capture(message: Message) -> None:
             nonlocal error_start, responded
             if message["type"] == "http.response.start":
                 if message["status"] >= 400:
@@ -390,7 +410,7 @@ class ServingApp:
 
     # -- answers -----------------------------------------------------------------------------
 
-    async def _send(self, send, reply: Reply, model, extra=()) -> None:
+    async def _send(self, send: Send, reply: Reply, model: LoadedModel | None, extra: Headers = ()) -> None:
         headers = [
             *_JSON_HEADERS,
             (b"content-length", str(len(reply.body)).encode()),

@@ -13,6 +13,7 @@ provenance record naming the version the registry resolved, and the trainer's lo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -21,12 +22,18 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import scoring_server
 
 import model_signatures
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+    from mlflow.pyfunc import PyFuncModel
+    from mlflow.types import TensorSpec
 
 log = logging.getLogger("serving")
 
@@ -63,21 +70,21 @@ class LoadedModel:
 
     ref: VersionRef
     path: str
-    pyfunc: object
+    pyfunc: PyFuncModel
     scoring_app: object  # MLflow's own scoring server (FastAPI) for this model
-    input_spec: object | None  # the single TensorSpec input, when the signature has one
+    input_spec: TensorSpec | None  # the single TensorSpec input, when the signature has one
     loaded_at: float = field(default_factory=time.time)
     batchable: bool = False  # set once rows_score_independently() has said so
-    headers: list = field(default_factory=list)
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         self.headers = [
             (b"x-model-name", self.ref.name.encode("latin-1", "replace")),
             (b"x-model-version", self.ref.version.encode("latin-1", "replace")),
         ]
 
 
-def resolve_alias(registry, name: str, alias: str) -> VersionRef:
+def resolve_alias(registry: MlflowClient, name: str, alias: str) -> VersionRef:
     """Ask the registry which version the alias points at."""
     try:
         mv = registry.get_model_version_by_alias(name, alias)
@@ -98,7 +105,7 @@ def resolve_alias(registry, name: str, alias: str) -> VersionRef:
     )
 
 
-def input_tensor_spec(pyfunc):
+def input_tensor_spec(pyfunc: PyFuncModel) -> TensorSpec | None:
     """The one unnamed tensor input of the signature, or None for any other signature."""
     schema = pyfunc.metadata.get_input_schema()
     if schema is None or not schema.is_tensor_spec() or len(schema.inputs) != 1:
@@ -111,7 +118,8 @@ def input_tensor_spec(pyfunc):
 class ModelStore:
     """Downloads versions into SERVING_CACHE_DIR/<model>/<version>-<created> and loads them."""
 
-    def __init__(self, cache_dir: str, tracking_uri: str, registry, public_key):
+    def __init__(self, cache_dir: str, tracking_uri: str, registry: MlflowClient,
+                 public_key: model_signatures.PublicKey) -> None:
         self.cache_dir = cache_dir
         self.tracking_uri = tracking_uri
         self.registry = registry
@@ -176,10 +184,8 @@ class ModelStore:
     def _set_aside(self, path: str) -> str:
         """Move a cached copy out of the cache in one step, so no worker starts reading it."""
         aside = tempfile.mkdtemp(prefix=".partial-refused-", dir=os.path.dirname(path))
-        try:
+        with contextlib.suppress(FileNotFoundError):  # another worker set it aside first
             os.rename(path, os.path.join(aside, "copy"))
-        except FileNotFoundError:
-            pass  # another worker set it aside first
         return aside
 
     @staticmethod

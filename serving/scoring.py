@@ -1,9 +1,11 @@
 """Scoring one /invocations body with one loaded model, and shaping error answers.
 
-The common body, `{"inputs": <tensor>}` in JSON, is scored here directly: parsed once,
+Every JSON body is parsed here first and refused (400) when a value has the wrong JSON
+type. The common body, exactly `{"inputs": <tensor>}`, is then scored here directly:
 converted to the signature's dtype, passed to the same pyfunc `predict` that MLflow's
-scoring server calls, and answered in MLflow's `{"predictions": ...}` shape. Every other
-body returns None and goes to MLflow's own scoring app.
+scoring server calls, and answered in MLflow's `{"predictions": ...}` shape (the direct
+path, SERVING_DIRECT_PATH). Every other body returns None and goes to MLflow's own
+scoring app.
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from typing import NamedTuple
 import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import scoring_server
-from mlflow.pyfunc.utils.serving_data_parser import SUPPORTED_LLM_FORMATS
+
+from serving import json_types
+from serving.model_store import LoadedModel
 
 log = logging.getLogger("serving")
 
@@ -24,13 +28,6 @@ log = logging.getLogger("serving")
 MAX_MESSAGE_CHARS = 2000
 _UNEXPECTED_LOG_INTERVAL = 10.0
 _last_unexpected_log = 0.0
-
-# Keys that change how MLflow's server reads a body. A body with "inputs" and none of
-# these is read as the "inputs" tensor alone (other keys, e.g. "labels", are ignored there
-# too), so it can take the direct path.
-_OTHER_MEANINGFUL_KEYS = (
-    scoring_server.SUPPORTED_FORMATS | SUPPORTED_LLM_FORMATS | {scoring_server.SERVING_PARAMS_KEY}
-) - {scoring_server.INPUTS}
 
 JSON_TYPE = b"application/json"
 ERROR_CODES = {
@@ -73,7 +70,7 @@ def _log_unexpected(what: str) -> None:
         log.warning("%s (further ones muted for %.0fs)", what, _UNEXPECTED_LOG_INTERVAL, exc_info=True)
 
 
-def predictions_body(predictions) -> bytes:
+def predictions_body(predictions: object) -> bytes:
     if isinstance(predictions, np.ndarray):
         # What MLflow's NumpyEncoder writes for an array, without its per-item dispatch.
         return json.dumps({"predictions": predictions.tolist()}).encode()
@@ -84,7 +81,7 @@ def predictions_body(predictions) -> bytes:
     return out.getvalue().encode()
 
 
-def predict_reply(model, data) -> Reply:
+def predict_reply(model: LoadedModel, data: object) -> Reply:
     """Run the pyfunc on parsed input; errors become JSON answers as in MLflow's server."""
     try:
         predictions = model.pyfunc.predict(data)
@@ -107,9 +104,11 @@ def predict_reply(model, data) -> Reply:
         return error_reply(500, "The model's output could not be written as JSON")
 
 
-def parse_tensor_body(model, body: bytes):
-    """The `inputs` tensor of a JSON body as an array of the signature's dtype; a Reply
-    when the body is not JSON at all; None when MLflow's own parser should read it."""
+def parse_json_body(model: LoadedModel, body: bytes, direct: bool = True) -> Reply | np.ndarray | None:
+    """Check a JSON body before anything casts its values. A Reply (400) when it is not
+    JSON or a value has the wrong JSON type; the `inputs` array in the signature's dtype
+    when `direct` and the body is exactly `{"inputs": <tensor>}` for a numeric tensor
+    signature; otherwise None, and MLflow's scoring app reads it."""
     try:
         document = json.loads(body)
     except (ValueError, RecursionError) as e:
@@ -117,28 +116,33 @@ def parse_tensor_body(model, body: bytes):
         # RecursionError absurdly deep nesting. MLflow's app would answer 500 for the last two.
         return error_reply(400, f"The body is not valid JSON: {type(e).__name__}: {e}")
     spec = model.input_spec
-    if (
-        spec is None
-        or type(document) is not dict
-        or "inputs" not in document
-        or not _OTHER_MEANINGFUL_KEYS.isdisjoint(document)
-    ):
+    tensor_body = (
+        direct and type(document) is dict and document.keys() == {"inputs"} and json_types.numeric_tensor(spec)
+    )
+    if tensor_body:
+        array = json_types.plain_numbers(body, document["inputs"], len(spec.shape), spec.type)
+        if array is not None:
+            return array
+    problem = json_types.wrong_type(document, spec)
+    if problem:
+        return error_reply(400, f"The body has a value of the wrong type: {problem}")
+    if not tensor_body:
         return None
     try:
         return np.asarray(document["inputs"], dtype=spec.type)
     except (ValueError, TypeError, OverflowError):
-        return None  # ragged or non-numeric: MLflow's parser words the error
+        return None  # e.g. an integer beyond float range: MLflow's parser words the error
 
 
-def score_json(model, body: bytes) -> Reply | None:
-    """Answer a JSON body, or None when it is not a tensor `inputs` body for this model."""
-    data = parse_tensor_body(model, body)
+def score_json(model: LoadedModel, body: bytes, direct: bool = True) -> Reply | None:
+    """Answer a JSON body, or None when MLflow's scoring app should read it."""
+    data = parse_json_body(model, body, direct)
     if data is None or isinstance(data, Reply):
         return data
     return predict_reply(model, data)
 
 
-def predict_batch(model, arrays: list) -> list[Reply]:
+def predict_batch(model: LoadedModel, arrays: list[np.ndarray]) -> list[Reply]:
     """Answer several requests with one predict call on their rows stacked, as if each
     had been scored alone. Any doubt (an error, output rows not matching input rows)
     falls back to scoring them one by one, so one bad request cannot fail the others."""
@@ -158,7 +162,7 @@ def predict_batch(model, arrays: list) -> list[Reply]:
     return [predict_reply(model, a) for a in arrays]
 
 
-def example_request(model) -> bytes | None:
+def example_request(model: LoadedModel) -> bytes | None:
     """A body the model must answer before it is served: its saved serving input example,
     else a zero tensor of the signature's shape (every -1 taken as 1)."""
     info = getattr(model.pyfunc.metadata, "saved_input_example_info", None) or {}
@@ -177,7 +181,7 @@ def example_request(model) -> bytes | None:
     return None
 
 
-def check_answers(model) -> None:
+def check_answers(model: LoadedModel) -> None:
     """Raise unless the model answers its example request with finite predictions."""
     body = example_request(model)
     if body is None:
@@ -207,7 +211,7 @@ def check_answers(model) -> None:
     if outputs is not None and outputs.is_tensor_spec() and len(outputs.inputs) == 1:
         expected = outputs.inputs[0].shape
         if values.ndim != len(expected) or any(
-            e != -1 and e != got for e, got in zip(expected, values.shape)
+            e != -1 and e != got for e, got in zip(expected, values.shape, strict=True)
         ):
             raise RuntimeError(
                 f"example request answered shape {list(values.shape)}, "
@@ -215,12 +219,12 @@ def check_answers(model) -> None:
             )
 
 
-def rows_score_independently(model) -> bool:
+def rows_score_independently(model: LoadedModel) -> bool:
     """Whether stacking requests changes no one's answer, so that they may be batched:
     the example scored alone must come out the same when scored beside other rows.
     A model that normalises over the batch, or anything else that fails, says no."""
     body = example_request(model)
-    data = parse_tensor_body(model, body) if body is not None else None
+    data = parse_json_body(model, body) if body is not None else None
     if not isinstance(data, np.ndarray) or data.ndim < 2 or not np.issubdtype(data.dtype, np.floating):
         return False
     # Different rows in the same range as the example (shifted, wrapped into [0, 1)).

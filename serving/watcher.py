@@ -11,6 +11,7 @@ the port reads it, so exception text, URIs and paths go to the log only.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -18,9 +19,15 @@ import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import model_signatures
 from serving.config import Settings, safe_uri
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from serving.model_store import LoadedModel, ModelStore, VersionRef
 
 log = logging.getLogger("serving")
 
@@ -60,8 +67,8 @@ class _Failure:
 class _RepeatLimiter:
     """Logs a message when it changes, and an unchanged one only every REPEAT_LOG_SECONDS."""
 
-    def __init__(self):
-        self._last = None
+    def __init__(self) -> None:
+        self._last: str | None = None
         self._at = 0.0
 
     def log(self, level: int, message: str) -> None:
@@ -75,9 +82,10 @@ class _RepeatLimiter:
 
 
 class AliasWatcher:
-    def __init__(self, settings: Settings, registry=None, store=None):
+    def __init__(self, settings: Settings, registry: MlflowClient | None = None,
+                 store: ModelStore | None = None) -> None:
         self.settings = settings
-        self.current = None  # LoadedModel being served; replaced whole, never mutated
+        self.current: LoadedModel | None = None  # LoadedModel being served; replaced whole, never mutated
         self.alias_version: str | None = None
         self.waiting_for = f"waiting for {self._wanted()}: not checked yet"
         self.last_error: str | None = None
@@ -137,15 +145,13 @@ class AliasWatcher:
         import torch
 
         torch.set_num_threads(self.settings.torch_threads)
-        try:
+        with contextlib.suppress(RuntimeError):  # already fixed by earlier torch work in this process
             torch.set_num_interop_threads(1)
-        except RuntimeError:
-            pass  # already fixed by earlier torch work in this process
         self.torch_threads = torch.get_num_threads()
 
     # -- one look at the registry ----------------------------------------------------------
 
-    def _clients(self):
+    def _clients(self) -> tuple[MlflowClient, ModelStore]:
         if self._registry is None:
             from mlflow import MlflowClient
 
@@ -243,7 +249,7 @@ class AliasWatcher:
             return "no model served yet"
         return f"still serving version {self.current.ref.version}"
 
-    def _switch_to(self, target, store, failure: _Failure | None) -> None:
+    def _switch_to(self, target: VersionRef, store: ModelStore, failure: _Failure | None) -> None:
         from serving.scoring import check_answers, rows_score_independently
 
         s = self.settings

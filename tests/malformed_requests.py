@@ -8,10 +8,10 @@ whether the body goes in chunks (Transfer-Encoding: chunked) instead. `status` i
 status a case must get where a specific one is owed (408, 413, 415); other cases accept
 any 4xx.
 
-Not in here, because MLflow's scoring protocol accepts them and so does serving: pixels
-given as JSON booleans or as numeric strings (converted to the signature's float32, as
-MLflow converts them: true is 1.0, "0.5" is 0.5), and a `params` value for a model that
-declares no parameters (MLflow ignores it).
+Not in here, because MLflow's scoring protocol accepts it and so does serving: a `params`
+object for a model that declares no parameters (MLflow ignores it). Values of the wrong JSON
+type (booleans or strings as pixels, a `params` that is not an object) are refused with 400;
+they are in tests/unit/serving/request_bodies.py.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Serving settings: defaults, and a one-line error for each value that cannot work."""
 
 import base64
+from pathlib import Path
 
 import pytest
 from signing_keys import signing_key_pair
@@ -78,3 +79,28 @@ def test_nonsense_is_one_line_naming_the_setting(name, value):
 def test_credentials_never_shown():
     assert config.safe_uri("http://serving:s3cret@mlflow:5000/") == "http://mlflow:5000/"
     assert config.safe_uri("http://mlflow:5000") == "http://mlflow:5000"
+
+
+def test_direct_path_can_be_turned_off():
+    assert config.from_env(REQUIRED).direct_path is True
+    assert config.from_env({**REQUIRED, "SERVING_DIRECT_PATH": "false"}).direct_path is False
+    with pytest.raises(config.ConfigError, match="SERVING_DIRECT_PATH"):
+        config.from_env({**REQUIRED, "SERVING_DIRECT_PATH": "perhaps"})
+
+
+def test_every_setting_declares_its_variable_and_meaning():
+    for name, field in config.Settings.model_fields.items():
+        assert field.alias and field.alias.upper() == field.alias, name
+        assert field.description, name
+    documented = (Path(config.__file__).parent / "README.md").read_text()
+    missing = [f.alias for f in config.Settings.model_fields.values() if f"`{f.alias}`" not in documented]
+    assert not missing, f"not in serving/README.md: {missing}"
+
+
+@pytest.mark.parametrize("uri, shown", [
+    ("https://user:p%40ss@mlflow.example:443/prefix?x=1", "https://mlflow.example:443/prefix?x=1"),
+    ("http://token@mlflow:5000", "http://mlflow:5000"),
+    ("sqlite:///tmp/mlflow.db", "sqlite:///tmp/mlflow.db"),
+])
+def test_credentials_never_shown_in_any_uri(uri, shown):
+    assert config.safe_uri(uri) == shown
