@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from urllib.parse import urlsplit, urlunsplit
 
 import annotated_types
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -144,11 +143,3 @@ def from_env(env: Mapping[str, str] | None = None) -> Settings:
         return Settings.model_validate(given)
     except ValidationError as e:
         raise ConfigError(_one_line(e, given)) from None
-
-
-def safe_uri(uri: str) -> str:
-    """The URI with any user:password@ removed, for logs and /status."""
-    parts = urlsplit(uri)
-    if "@" not in parts.netloc:
-        return uri
-    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))

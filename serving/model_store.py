@@ -29,6 +29,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import scoring_server
 
 import model_signatures
+from stack_common.registry import alias_missing
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -89,11 +90,7 @@ def resolve_alias(registry: MlflowClient, name: str, alias: str) -> VersionRef:
     try:
         mv = registry.get_model_version_by_alias(name, alias)
     except MlflowException as e:
-        # The registry answers RESOURCE_DOES_NOT_EXIST for an unknown model and
-        # INVALID_PARAMETER_VALUE "... alias ... not found" for an unknown alias.
-        if e.error_code == "RESOURCE_DOES_NOT_EXIST" or (
-            e.error_code == "INVALID_PARAMETER_VALUE" and "not found" in e.message.lower()
-        ):
+        if alias_missing(e):
             raise AliasNotFound(e.message) from None
         raise
     return VersionRef(

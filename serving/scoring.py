@@ -21,6 +21,7 @@ from mlflow.pyfunc import scoring_server
 
 from serving import json_types
 from serving.model_store import LoadedModel
+from stack_common.text import clip
 
 log = logging.getLogger("serving")
 
@@ -47,17 +48,9 @@ class Reply(NamedTuple):
     body: bytes
 
 
-def clip(message: str, limit: int = MAX_MESSAGE_CHARS) -> str:
-    if len(message) <= limit:
-        return message
-    head = limit // 4
-    tail = limit - head
-    return f"{message[:head]} ... [{len(message) - limit} characters left out] ... {message[-tail:]}"
-
-
 def error_reply(status: int, message: str, error_code: str | None = None) -> Reply:
     code = error_code or ERROR_CODES.get(status, "INTERNAL_ERROR" if status >= 500 else "BAD_REQUEST")
-    return Reply(status, json.dumps({"error_code": code, "message": clip(message)}).encode())
+    return Reply(status, json.dumps({"error_code": code, "message": clip(message, MAX_MESSAGE_CHARS)}).encode())
 
 
 def _log_unexpected(what: str) -> None:

@@ -22,7 +22,9 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import model_signatures
-from serving.config import Settings, safe_uri
+from serving.config import Settings
+from stack_common.text import one_line
+from stack_common.uris import redact
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -194,15 +196,15 @@ class AliasWatcher:
             self._set_error(message)
             self._error_log.log(
                 logging.WARNING,
-                f"cannot read {s.model_uri} from the tracking server at {safe_uri(s.tracking_uri)}: "
-                f"{type(e).__name__}: {_one_line(e)}; {self._serving_words()}; retrying in {delay:.3g}s",
+                f"cannot read {s.model_uri} from the tracking server at {redact(s.tracking_uri)}: "
+                f"{type(e).__name__}: {one_line(e)}; {self._serving_words()}; retrying in {delay:.3g}s",
             )
             if self.current is None:
                 self.waiting_for = f"waiting for {self._wanted()}: {message}"
             return delay
 
         if self._registry_errors:
-            log.info("tracking server at %s answers again", safe_uri(s.tracking_uri))
+            log.info("tracking server at %s answers again", redact(s.tracking_uri))
             self._registry_errors = 0
             self._error_log.reset()
         self.alias_version = target.version
@@ -282,7 +284,7 @@ class AliasWatcher:
             else:
                 message = (f"version {target.version}: {STEP_WORDS[step]} it failed "
                            "(the serving log says why)")
-                detail = f"{type(e).__name__}: {_one_line(e)}"
+                detail = f"{type(e).__name__}: {one_line(e)}"
             self._failures = {target.cache_key: _Failure(count, time.monotonic() + delay, message)}
             self._set_error(message)
             if self.current is None:
@@ -344,8 +346,3 @@ class AliasWatcher:
             "watcher_alive": self.alive,
             "worker_pid": os.getpid(),
         }
-
-
-def _one_line(e: BaseException, limit: int = 500) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= limit else text[:limit] + " ..."

@@ -17,6 +17,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from stack_common.registry import alias_missing
+
 HISTORY_LIMIT = 100
 
 
@@ -53,7 +55,7 @@ def holder(client: MlflowClient, name: str, alias: str) -> ModelVersion | None:
     try:
         return client.get_model_version_by_alias(name, alias)
     except MlflowException as error:
-        if error.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(error).lower():
+        if alias_missing(error):
             return None
         raise
 

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator, Mapping
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import mlflow
 import mlflow.data
@@ -23,6 +23,9 @@ from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.async_logging.run_operations import RunOperations
+
+from stack_common.text import one_line
+from stack_common.uris import redact
 
 if TYPE_CHECKING:  # the registry commands use this module and need no torch
     from trainer.data import Split
@@ -50,19 +53,6 @@ class TrackingUnavailable(Exception):
     """The tracking server could not be reached or refused us."""
 
 
-def redact(uri: str | None) -> str | None:
-    """The URI without user:password, safe to print and to store in tags."""
-    if not uri:
-        return uri
-    parts = urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri
-    host = parts.hostname or ""
-    if parts.port:
-        host = f"{host}:{parts.port}"
-    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
-
-
 def is_http(uri: str | None) -> bool:
     return urlsplit(uri or "").scheme in ("http", "https")
 
@@ -88,11 +78,6 @@ def _transient(error: Exception) -> bool:
         status = error.get_http_status_code()
         return status >= 500 or status == 429
     return isinstance(error, (ConnectionError, TimeoutError, OSError))
-
-
-def _short(error: BaseException) -> str:
-    text = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
 
 
 class GaveUp(Exception):
@@ -153,12 +138,12 @@ def connect(tracking_uri: str | None, timeout_s: float, log: Log = print, sleep:
             client.search_experiments(max_results=1)
 
     def on_retry(error: Exception, wait: float) -> None:
-        log(f"tracking server {shown} not reachable yet ({_short(error)}); "
+        log(f"tracking server {shown} not reachable yet ({one_line(error, 300)}); "
             f"retrying in {wait:g} s", file=sys.stderr)
 
     def failed(error: Exception) -> TrackingUnavailable:
         return TrackingUnavailable(
-            f"MLflow tracking at {shown} failed: {_short(error)}. Check "
+            f"MLflow tracking at {shown} failed: {one_line(error, 300)}. Check "
             "MLFLOW_TRACKING_URI and MLFLOW_TRACKING_USERNAME/MLFLOW_TRACKING_PASSWORD.")
 
     try:
@@ -170,7 +155,7 @@ def connect(tracking_uri: str | None, timeout_s: float, log: Log = print, sleep:
         raise TrackingUnavailable(
             f"cannot reach MLflow tracking server at {shown}: {gave_up.attempts} attempt(s) "
             f"over {gave_up.elapsed:.0f} s (limit --connect-timeout {timeout_s:g} s) failed, "
-            f"last with: {_short(gave_up.error)}. Check MLFLOW_TRACKING_URI and that the "
+            f"last with: {one_line(gave_up.error, 300)}. Check MLFLOW_TRACKING_URI and that the "
             "server is up."
         ) from gave_up.error
     except Exception as error:  # noqa: BLE001 - every other failure is permanent
@@ -187,7 +172,7 @@ def during_run(what: str, call: Callable[[], T], budget_s: float, log: Log = pri
     up to budget_s (--outage-timeout), then TrackingUnavailable names what was lost.
     """
     def on_retry(error: Exception, wait: float) -> None:
-        log(f"tracking server not answering while {what} ({_short(error)}); retrying in {wait:g} s",
+        log(f"tracking server not answering while {what} ({one_line(error, 300)}); retrying in {wait:g} s",
             file=sys.stderr, flush=True)
 
     try:
@@ -195,7 +180,7 @@ def during_run(what: str, call: Callable[[], T], budget_s: float, log: Log = pri
     except GaveUp as gave_up:
         raise TrackingUnavailable(
             f"gave up {what}: {gave_up.attempts} attempt(s) over {gave_up.elapsed:.0f} s "
-            f"(limit --outage-timeout {budget_s:g} s) failed, last with: {_short(gave_up.error)}"
+            f"(limit --outage-timeout {budget_s:g} s) failed, last with: {one_line(gave_up.error, 300)}"
         ) from gave_up.error
 
 
@@ -305,7 +290,7 @@ def end_run(status: str, outage_s: float = 300.0, sleep: Callable[[float], None]
         during_run(f"marking run {run_id} {status}", partial(MlflowClient().set_terminated, run_id, status),
                    outage_s, sleep=sleep, clock=clock)
     except Exception as error:  # noqa: BLE001
-        print(f"could not mark run {run_id} {status}: {_short(error)}. It shows as RUNNING until "
+        print(f"could not mark run {run_id} {status}: {one_line(error, 300)}. It shows as RUNNING until "
               f"it is ended, for example with MlflowClient().set_terminated('{run_id}', '{status}').",
               file=sys.stderr, flush=True)
     # Stops the system-metrics thread; the server already has the status, or is gone.

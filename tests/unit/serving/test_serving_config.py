@@ -7,6 +7,7 @@ import pytest
 from signing_keys import signing_key_pair
 
 from serving import config
+from stack_common.uris import redact
 
 KEYS = signing_key_pair()
 REQUIRED = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "MODEL_NAME": "fashion-mnist-cnn",
@@ -77,8 +78,8 @@ def test_nonsense_is_one_line_naming_the_setting(name, value):
 
 
 def test_credentials_never_shown():
-    assert config.safe_uri("http://serving:s3cret@mlflow:5000/") == "http://mlflow:5000/"
-    assert config.safe_uri("http://mlflow:5000") == "http://mlflow:5000"
+    assert redact("http://serving:s3cret@mlflow:5000/") == "http://mlflow:5000/"
+    assert redact("http://mlflow:5000") == "http://mlflow:5000"
 
 
 def test_direct_path_can_be_turned_off():
@@ -103,4 +104,4 @@ def test_every_setting_declares_its_variable_and_meaning():
     ("sqlite:///tmp/mlflow.db", "sqlite:///tmp/mlflow.db"),
 ])
 def test_credentials_never_shown_in_any_uri(uri, shown):
-    assert config.safe_uri(uri) == shown
+    assert redact(uri) == shown

@@ -11,6 +11,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
 from mlflow.tracking import MlflowClient
 
+from stack_common.uris import redact
 from trainer import export, loop, tracking
 
 
@@ -137,7 +138,7 @@ def test_a_refusal_is_not_retried(monkeypatch):
 
 
 def test_credentials_never_appear_in_printed_urls():
-    assert tracking.redact("https://user:secret@mlflow.example:5000/x") == "https://mlflow.example:5000/x"
+    assert redact("https://user:secret@mlflow.example:5000/x") == "https://mlflow.example:5000/x"
     assert tracking.run_url("http://u:p@mlflow:5000/", "3", "abc") == "http://mlflow:5000/#/experiments/3/runs/abc"
 
 
