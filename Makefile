@@ -22,7 +22,7 @@ ARGS ?=
 export GIT_COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null)
 
 .PHONY: help env up down build offline-images train predict logs ps models promote sign rollback \
-        test test-unit test-integration lint bench bench-trainer bench-serving bench-switch \
+        test test-unit test-integration lint bench bench-trainer bench-serving bench-direct-path bench-switch \
         bench-tracking bench-cold-start bench-load backup restore clean doctor lock
 
 help: ## List the targets
@@ -97,6 +97,9 @@ bench-trainer: $(VENV_STAMP) ## Benchmark the trainer against the MLflow quickst
 bench-serving: $(VENV_STAMP) ## Benchmark serving against plain mlflow models serve (local, no Docker)
 	@$(VENV)/bin/python -m bench.serving_bench $(ARGS)
 
+bench-direct-path: $(VENV_STAMP) ## Benchmark serving's direct body path against MLflow's scoring app (local)
+	@$(VENV)/bin/python -m bench.direct_path_bench $(ARGS)
+
 bench-switch: $(VENV_STAMP) ## Benchmark an alias move: time to the new version, failed requests
 	@$(VENV)/bin/python -m bench.alias_switch_bench $(ARGS)
 
@@ -109,7 +112,7 @@ bench-cold-start: $(VENV_STAMP) ## Benchmark make up to healthy, and a trained m
 bench-load: $(VENV_STAMP) ## Benchmark serving under 1, 10 and 50 clients (a private stack; ARGS="--url ..." for a running one)
 	@$(VENV)/bin/python -m bench.load_bench $(ARGS)
 
-bench: bench-trainer bench-serving bench-switch bench-tracking bench-cold-start bench-load ## Run every benchmark; results land in bench/results/
+bench: bench-trainer bench-serving bench-direct-path bench-switch bench-tracking bench-cold-start bench-load ## Run every benchmark; results land in bench/results/
 
 doctor: ## Check Docker, Compose v2, free disk, ports, and the NVIDIA runtime with GPU=1
 	@GPU=$(GPU) scripts/doctor.sh
