@@ -12,11 +12,10 @@ import os
 import re
 from collections.abc import Mapping
 
-import annotated_types
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic.fields import FieldInfo
+from pydantic import Field, field_validator
 
 import model_signatures
+from stack_common.settings import ConfigError, EnvSettings, load
 
 MIB = 1024 * 1024
 
@@ -26,14 +25,10 @@ _ALIAS_RE = re.compile(r"^[\w\-]+$")
 _RESERVED_ALIAS_RE = re.compile(r"^(latest|v\d+)$", re.IGNORECASE)
 
 
-class ConfigError(ValueError):
-    """A setting that cannot work; its message is the one line shown to the operator."""
+__all__ = ["ConfigError", "Settings", "from_env"]
 
 
-class Settings(BaseModel):
-    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True, validate_by_name=True,
-                              validate_by_alias=True, extra="ignore",
-                              protected_namespaces=())
+class Settings(EnvSettings):
 
     tracking_uri: str = Field(alias="MLFLOW_TRACKING_URI",
                               description="the tracking server, e.g. http://mlflow:5000")
@@ -104,42 +99,9 @@ class Settings(BaseModel):
         return f"{self.bind_host}:{self.port}"
 
 
-def _bounds(field: FieldInfo) -> tuple[object, object]:
-    low = next((m.ge for m in field.metadata if isinstance(m, annotated_types.Ge)), None)
-    high = next((m.le for m in field.metadata if isinstance(m, annotated_types.Le)), None)
-    return low, high
-
-
-def _one_line(error: ValidationError, given: Mapping[str, str]) -> str:
-    first = error.errors()[0]
-    name = str(first["loc"][0])
-    if first["type"] == "missing":
-        return f"{name} is not set"
-    message = first["msg"].removeprefix("Value error, ")
-    if message.startswith(f"{name} "):  # the key reader names the variable itself
-        return message
-    field = next(f for f in Settings.model_fields.values() if f.alias == name)
-    low, high = _bounds(field)
-    if first["type"] != "value_error" and low is not None and high is not None:
-        kind = "an integer" if field.annotation in (int, "int") else "a number"
-        message = f"expected {kind} from {low} to {high}{(field.json_schema_extra or {}).get('unit', '')}"
-    elif first["type"] == "bool_parsing":
-        message = "expected true or false"
-    elif first["type"] != "value_error":
-        message = f"{message} ({field.description})"
-    return f"{name}={given.get(name, '')!r} is not valid: {message}"
-
-
 def from_env(env: Mapping[str, str] | None = None) -> Settings:
     """Settings from os.environ (or a given mapping); ConfigError, one line, on nonsense.
 
     An empty variable counts as unset, as compose passes `${VAR:-}` through."""
-    env = os.environ if env is None else env
-    names = [field.alias for field in Settings.model_fields.values()]
-    given = {name: env[name].strip() for name in names if env.get(name, "").strip()}
     # The key reader says how to make a missing key, which beats "is not set".
-    given.setdefault("MODEL_SIGNING_PUBLIC_KEY", "")
-    try:
-        return Settings.model_validate(given)
-    except ValidationError as e:
-        raise ConfigError(_one_line(e, given)) from None
+    return load(Settings, env, always=("MODEL_SIGNING_PUBLIC_KEY",))

@@ -25,9 +25,6 @@ import tarfile
 import time
 from typing import IO, TYPE_CHECKING
 
-import boto3
-from botocore.config import Config
-
 from tracking import create_bucket, settings
 from tracking.backup_manifest import INDEX, OBJECTS, S3_HEADER, Refused, object_headers
 
@@ -49,17 +46,6 @@ class HashingReader:
         self.digest.update(data)
         self.size += len(data)
         return data
-
-
-def s3_client() -> S3Client:
-    return boto3.client(
-        "s3",
-        endpoint_url=settings.optional("MLFLOW_S3_ENDPOINT_URL", "") or None,
-        aws_access_key_id=settings.required("AWS_ACCESS_KEY_ID"),
-        aws_secret_access_key=settings.required("AWS_SECRET_ACCESS_KEY"),
-        region_name=settings.optional("AWS_DEFAULT_REGION", "us-east-1"),
-        config=Config(retries={"max_attempts": 5, "mode": "standard"}, s3={"addressing_style": "path"}),
-    )
 
 
 def list_keys(s3: S3Client, bucket: str) -> list[str]:
@@ -163,7 +149,8 @@ def main() -> None:
                 "prune": lambda s3, b: prune(s3, b, sys.stdin.buffer)}
     if command not in commands:
         raise SystemExit("usage: bucket_archive.py export >bucket.tar | upload <bucket.tar | prune <manifest.json")
-    commands[command](s3_client(), settings.bucket())
+    s3 = settings.load(settings.S3)
+    commands[command](s3.client(max_attempts=5), s3.bucket)
 
 
 if __name__ == "__main__":

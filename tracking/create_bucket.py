@@ -14,26 +14,12 @@ import time
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-import boto3
-from botocore.config import Config
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from tracking import settings
 
 if TYPE_CHECKING:
     from botocore.client import BaseClient as S3Client
-
-
-def s3_client(access_key_var: str = "AWS_ACCESS_KEY_ID",
-              secret_key_var: str = "AWS_SECRET_ACCESS_KEY") -> S3Client:
-    return boto3.client(
-        "s3",
-        endpoint_url=settings.optional("MLFLOW_S3_ENDPOINT_URL", "") or None,
-        aws_access_key_id=settings.required(access_key_var),
-        aws_secret_access_key=settings.required(secret_key_var),
-        region_name=settings.optional("AWS_DEFAULT_REGION", "us-east-1"),
-        config=Config(retries={"max_attempts": 3, "mode": "standard"}, s3={"addressing_style": "path"}),
-    )
 
 
 def bucket_policy(bucket: str) -> dict:
@@ -80,7 +66,7 @@ def ensure_bucket(s3: S3Client, bucket: str, endpoint: str) -> None:
             raise
 
 
-def provision_app_key(bucket: str, endpoint: str) -> bool:
+def provision_app_key(conf: settings.BucketInit) -> bool:
     """Create or update the tracking server's MinIO user with a policy for the bucket alone.
     False when the server has no MinIO admin API."""
     from minio.credentials import StaticProvider
@@ -88,18 +74,19 @@ def provision_app_key(bucket: str, endpoint: str) -> bool:
     from minio.minioadmin import MinioAdmin
     from urllib3.exceptions import HTTPError
 
+    bucket, endpoint = conf.bucket, conf.endpoint
     url = urlsplit(endpoint or "https://s3.amazonaws.com")
     admin = MinioAdmin(
         endpoint=url.netloc,
-        credentials=StaticProvider(settings.required("AWS_ACCESS_KEY_ID"), settings.required("AWS_SECRET_ACCESS_KEY")),
-        region=settings.optional("AWS_DEFAULT_REGION", "us-east-1"),
+        credentials=StaticProvider(conf.access_key, conf.secret_key.get_secret_value()),
+        region=conf.region,
         secure=url.scheme == "https",
     )
-    access_key = settings.required("S3_APP_ACCESS_KEY")
+    access_key = conf.app_access_key
     policy = f"mlflow-{bucket}"
     try:
         # Also re-applies the secret: rotating S3_APP_SECRET_KEY in .env is `make up`.
-        admin.user_add(access_key, settings.required("S3_APP_SECRET_KEY"))
+        admin.user_add(access_key, conf.app_secret_key.get_secret_value())
     except (MinioAdminException, ValueError, HTTPError) as error:
         settings.log(f"S3 at {endpoint} has no MinIO admin API ({type(error).__name__}); "
                      "the bucket-scoped key must come from the server's own configuration")
@@ -115,9 +102,10 @@ def provision_app_key(bucket: str, endpoint: str) -> bool:
     return True
 
 
-def check_app_key(bucket: str, endpoint: str) -> None:
+def check_app_key(conf: settings.BucketInit) -> None:
     """The tracking server's key must reach its bucket, whoever configured it."""
-    s3 = s3_client("S3_APP_ACCESS_KEY", "S3_APP_SECRET_KEY")
+    bucket, endpoint = conf.bucket, conf.endpoint
+    s3 = conf.client(max_attempts=3, key=(conf.app_access_key, conf.app_secret_key))
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -136,12 +124,11 @@ def check_app_key(bucket: str, endpoint: str) -> None:
 
 
 def main() -> None:
-    bucket = settings.bucket()
-    endpoint = settings.optional("MLFLOW_S3_ENDPOINT_URL", "")
-    ensure_bucket(s3_client(), bucket, endpoint)
-    if settings.optional("S3_APP_ACCESS_KEY", ""):
-        provision_app_key(bucket, endpoint)
-        check_app_key(bucket, endpoint)
+    conf = settings.load(settings.BucketInit)
+    ensure_bucket(conf.client(max_attempts=3), conf.bucket, conf.endpoint)
+    if conf.app_access_key:
+        provision_app_key(conf)
+        check_app_key(conf)
 
 
 if __name__ == "__main__":

@@ -23,12 +23,12 @@ _OWNED_KINDS = {
 }
 
 
-def connect(database: str) -> psycopg2.extensions.connection:
+def connect(conf: settings.DatabaseInit, database: str) -> psycopg2.extensions.connection:
     deadline = time.monotonic() + 120
     delay = 0.5
     while True:
         try:
-            conn = psycopg2.connect(**settings.superuser_params(database), connect_timeout=5)
+            conn = psycopg2.connect(**conf.superuser_params(database), connect_timeout=5)
             conn.autocommit = True
             return conn
         except psycopg2.OperationalError as error:
@@ -61,9 +61,9 @@ def ensure_database(cur: psycopg2.extensions.cursor, name: str, owner: str) -> N
     cur.execute(sql.SQL("REVOKE ALL ON DATABASE {} FROM PUBLIC").format(sql.Identifier(name)))
 
 
-def hand_over_contents(database: str, owner: str) -> int:
+def hand_over_contents(conf: settings.DatabaseInit, database: str, owner: str) -> int:
     """Make `owner` the owner of the public schema and of everything in it."""
-    conn = connect(database)
+    conn = connect(conf, database)
     try:
         with conn.cursor() as cur:
             cur.execute(sql.SQL("ALTER SCHEMA public OWNER TO {}").format(sql.Identifier(owner)))
@@ -95,25 +95,23 @@ def hand_over_contents(database: str, owner: str) -> int:
 
 
 def main() -> None:
-    role = settings.required("MLFLOW_DB_USER")
-    superuser = settings.required("POSTGRES_USER")
-    if role == superuser:
-        raise settings.ConfigError("MLFLOW_DB_USER must differ from POSTGRES_USER: the tracking server "
-                                   "must not log in as the superuser")
-    conn = connect("postgres")
+    conf = settings.load(settings.DatabaseInit)
+    role = conf.user
+    databases = (conf.tracking_db, conf.auth_db)
+    conn = connect(conf, "postgres")
     try:
         with conn.cursor() as cur:
-            ensure_role(cur, role, settings.required("MLFLOW_DB_PASSWORD"))
-            for database in (settings.tracking_db(), settings.auth_db()):
+            ensure_role(cur, role, conf.password.get_secret_value())
+            for database in databases:
                 ensure_database(cur, database, role)
             # Postgres's maintenance database is the superuser's alone.
             cur.execute("REVOKE CONNECT ON DATABASE postgres FROM PUBLIC")
     finally:
         conn.close()
-    moved = sum(hand_over_contents(database, role) for database in (settings.tracking_db(), settings.auth_db()))
+    moved = sum(hand_over_contents(conf, database, role) for database in databases)
     if moved:
         settings.log(f"handed {moved} existing tables, sequences and types to {role}")
-    settings.log(f"role {role} owns databases {settings.tracking_db()} and {settings.auth_db()}, nothing else")
+    settings.log(f"role {role} owns databases {conf.tracking_db} and {conf.auth_db}, nothing else")
 
 
 if __name__ == "__main__":

@@ -93,20 +93,21 @@ def ensure_registered_model(client: MlflowClient, name: str) -> None:
 
 
 def main() -> None:
-    port = settings.optional("MLFLOW_CONTAINER_PORT", "5000")
+    conf = settings.load(settings.Accounts)
+    port = conf.container_port
     tracking_uri = f"http://mlflow:{port}"
-    os.environ["MLFLOW_TRACKING_USERNAME"] = settings.required("MLFLOW_ADMIN_USERNAME")
-    os.environ["MLFLOW_TRACKING_PASSWORD"] = settings.required("MLFLOW_ADMIN_PASSWORD")
-    trainer = settings.required("TRAINER_USERNAME")
-    serving = settings.required("SERVING_USERNAME")
+    os.environ["MLFLOW_TRACKING_USERNAME"] = conf.admin_username
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = conf.admin_password.get_secret_value()
+    trainer = conf.trainer_username
+    serving = conf.serving_username
 
     auth = get_app_client("basic-auth", tracking_uri=tracking_uri)
-    ensure_user(auth, trainer, settings.required("TRAINER_PASSWORD"))
-    ensure_user(auth, serving, settings.required("SERVING_PASSWORD"))
+    ensure_user(auth, trainer, conf.trainer_password.get_secret_value())
+    ensure_user(auth, serving, conf.serving_password.get_secret_value())
 
     client = MlflowClient(tracking_uri)
-    experiment_id = ensure_experiment(client, settings.required("EXPERIMENT_NAME"))
-    model_name = settings.required("MODEL_NAME")
+    experiment_id = ensure_experiment(client, conf.experiment_name)
+    model_name = conf.model_name
     ensure_registered_model(client, model_name)
 
     grants = [

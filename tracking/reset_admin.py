@@ -20,11 +20,11 @@ from tracking import settings  # noqa: E402
 
 
 def main() -> None:
-    username = settings.required("MLFLOW_ADMIN_USERNAME")
-    password = settings.required("MLFLOW_ADMIN_PASSWORD")
+    conf = settings.load(settings.AdminReset)
+    username, password = conf.admin_username, conf.admin_password.get_secret_value()
     store = SqlAlchemyStore()
     # Also migrates an auth schema written by an older MLflow, as the server would at start.
-    store.init_db(settings.postgres_uri(settings.auth_db()))
+    store.init_db(conf.uri(conf.auth_db))
     try:
         if store.has_user(username):
             store.update_user(username, password=password, is_admin=True)

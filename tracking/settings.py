@@ -1,85 +1,165 @@
-"""Settings shared by the tracking server's start script and its one-shot helpers.
+"""Settings of the tracking server and its one-shot helpers, declared once per program.
 
-Everything comes from the environment that compose.yaml fills from .env. A missing secret is
-a configuration error reported by name; there is never a fallback value.
+Everything comes from the environment that compose.yaml fills from .env; each program loads
+only the model it needs (`load(Server)`, `load(DatabaseInit)` ...), so a helper never asks
+for a secret it does not hold. A missing secret is an error naming it; there is never a
+fallback value. Nothing here imports MLflow: a typo fails in a second.
 """
 
 from __future__ import annotations
 
-import os
 import sys
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+from pydantic import Field, SecretStr, field_validator, model_validator
 
-class ConfigError(SystemExit):
-    def __init__(self, message: str) -> None:
-        super().__init__(f"configuration error: {message}")
+from stack_common import settings as env_settings
+from stack_common.settings import ConfigError, EnvSettings
 
+if TYPE_CHECKING:
+    from botocore.client import BaseClient as S3Client
 
-def required(name: str) -> str:
-    value = os.environ.get(name, "")
-    if not value:
-        raise ConfigError(f"{name} is not set (run 'make env' to generate .env)")
-    return value
-
-
-def optional(name: str, default: str) -> str:
-    return os.environ.get(name) or default
-
+__all__ = ["Accounts", "AdminReset", "BucketInit", "ConfigError", "DatabaseInit", "S3", "Server", "load", "log"]
 
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
-def size_in_bytes(name: str, default: str) -> int:
-    """A size as nginx writes it (512m, 2g, 1048576), so one setting serves both."""
-    raw = optional(name, default).strip().lower()
-    number, unit = (raw[:-1], raw[-1]) if raw[-1:] in "kmg" else (raw, "")
-    if not number.isdigit() or int(number) == 0:
-        raise ConfigError(f"{name}={raw!r} is not a size: expected e.g. 512m, 1g or a number of bytes")
-    return int(number) * _UNITS[unit]
+class Postgres(EnvSettings):
+    """The tracking server's own connection, as its role (never the superuser)."""
+
+    host: str = Field("postgres", alias="POSTGRES_HOST", min_length=1, description="Postgres host")
+    port: int = Field(5432, alias="POSTGRES_PORT", ge=1, le=65535, description="Postgres port")
+    tracking_db: str = Field(alias="POSTGRES_DB", min_length=1, description="the tracking database")
+    auth_db: str = Field("mlflow_auth", alias="MLFLOW_AUTH_DB", min_length=1,
+                         description="the database of MLflow's users and permissions")
+    user: str = Field(alias="MLFLOW_DB_USER", min_length=1, description="the role the server logs in as")
+    password: SecretStr = Field(alias="MLFLOW_DB_PASSWORD", description="that role's password")
+
+    def uri(self, database: str) -> str:
+        user, password = quote(self.user, safe=""), quote(self.password.get_secret_value(), safe="")
+        # psycopg2 named explicitly: SQLAlchemy's bare "postgresql" now means psycopg 3.
+        return f"postgresql+psycopg2://{user}:{password}@{self.host}:{self.port}/{database}"
+
+    def params(self, database: str) -> dict[str, Any]:
+        # Keyword arguments for psycopg2.connect: no URI, so no parse error can echo a password.
+        return {"user": self.user, "password": self.password.get_secret_value(), "host": self.host,
+                "port": self.port, "dbname": database}
 
 
-def postgres_uri(database: str) -> str:
-    """The tracking server's connection, as its own role (never the superuser)."""
-    user = quote(required("MLFLOW_DB_USER"), safe="")
-    password = quote(required("MLFLOW_DB_PASSWORD"), safe="")
-    host = optional("POSTGRES_HOST", "postgres")
-    port = optional("POSTGRES_PORT", "5432")
-    # psycopg2 named explicitly: SQLAlchemy's bare "postgresql" now means psycopg 3.
-    return f"postgresql+psycopg2://{user}:{password}@{host}:{port}/{database}"
+class DatabaseInit(Postgres):
+    """db-init: the only holder of the superuser."""
+
+    superuser: str = Field(alias="POSTGRES_USER", min_length=1, description="the Postgres superuser")
+    superuser_password: SecretStr = Field(alias="POSTGRES_PASSWORD", description="its password")
+
+    @model_validator(mode="after")
+    def _distinct_roles(self) -> DatabaseInit:
+        if self.user == self.superuser:
+            raise ValueError("MLFLOW_DB_USER must differ from POSTGRES_USER: the tracking server logs in "
+                             "as a role of its own, never as the superuser")
+        return self
+
+    def superuser_params(self, database: str) -> dict[str, Any]:
+        return {**self.params(database), "user": self.superuser,
+                "password": self.superuser_password.get_secret_value()}
 
 
-def _connection(user_var: str, password_var: str, database: str) -> dict:
-    # Keyword arguments for psycopg2.connect: no URI, so no parse error can echo a password.
-    return {
-        "user": required(user_var),
-        "password": required(password_var),
-        "host": optional("POSTGRES_HOST", "postgres"),
-        "port": optional("POSTGRES_PORT", "5432"),
-        "dbname": database,
-    }
+class S3(EnvSettings):
+    bucket: str = Field(alias="S3_BUCKET", min_length=1, description="the artifact bucket")
+    endpoint: str = Field("", alias="MLFLOW_S3_ENDPOINT_URL", description="the S3 endpoint; empty for AWS")
+    access_key: str = Field(alias="AWS_ACCESS_KEY_ID", min_length=1, description="the S3 key id")
+    secret_key: SecretStr = Field(alias="AWS_SECRET_ACCESS_KEY", description="the S3 secret key")
+    region: str = Field("us-east-1", alias="AWS_DEFAULT_REGION", min_length=1, description="the S3 region")
+
+    def client(self, max_attempts: int, key: tuple[str, SecretStr] | None = None) -> S3Client:
+        """A boto3 client with this key (or `key`), path-style addressing and bounded retries."""
+        import boto3
+        from botocore.config import Config
+
+        access_key, secret_key = key or (self.access_key, self.secret_key)
+        return boto3.client(
+            "s3", endpoint_url=self.endpoint or None, aws_access_key_id=access_key,
+            aws_secret_access_key=secret_key.get_secret_value(), region_name=self.region,
+            config=Config(retries={"max_attempts": max_attempts, "mode": "standard"}, s3={"addressing_style": "path"}),
+        )
 
 
-def postgres_params(database: str) -> dict:
-    """The tracking server's own role."""
-    return _connection("MLFLOW_DB_USER", "MLFLOW_DB_PASSWORD", database)
+class BucketInit(S3):
+    """s3-init: the only holder of the root key, which it uses to make the server's own key."""
+
+    app_access_key: str = Field("", alias="S3_APP_ACCESS_KEY", description="the tracking server's S3 key id")
+    app_secret_key: SecretStr = Field(SecretStr(""), alias="S3_APP_SECRET_KEY",
+                                      description="the tracking server's S3 secret key")
+
+    @model_validator(mode="after")
+    def _both_halves(self) -> BucketInit:
+        if bool(self.app_access_key) != bool(self.app_secret_key.get_secret_value()):
+            raise ValueError("S3_APP_ACCESS_KEY and S3_APP_SECRET_KEY go together: set both or neither")
+        return self
 
 
-def superuser_params(database: str) -> dict:
-    """Only db-init holds the superuser."""
-    return _connection("POSTGRES_USER", "POSTGRES_PASSWORD", database)
+class Admin(EnvSettings):
+    admin_username: str = Field(alias="MLFLOW_ADMIN_USERNAME", min_length=1, description="the MLflow admin")
+    admin_password: SecretStr = Field(alias="MLFLOW_ADMIN_PASSWORD", description="the admin's password")
+    container_port: int = Field(5000, alias="MLFLOW_CONTAINER_PORT", ge=1, le=65535,
+                                description="the server's port inside its container")
 
 
-def tracking_db() -> str:
-    return required("POSTGRES_DB")
+class Server(Postgres, Admin):
+    """The tracking server."""
+
+    flask_secret: SecretStr = Field(alias="MLFLOW_FLASK_SERVER_SECRET_KEY",
+                                    description="signs the UI's sessions")
+    bucket: str = Field(alias="S3_BUCKET", min_length=1, description="the artifact bucket")
+    s3_access_key: str = Field(alias="AWS_ACCESS_KEY_ID", min_length=1, description="the server's S3 key id")
+    s3_secret_key: SecretStr = Field(alias="AWS_SECRET_ACCESS_KEY", description="the server's S3 secret key")
+    workers: int = Field(2, alias="MLFLOW_WORKERS", ge=1, le=64, description="uvicorn worker processes")
+    max_body_bytes: int = Field(512 * 1024**2, alias="MLFLOW_MAX_BODY_SIZE", ge=1,
+                                description="largest request body, as nginx writes sizes: 512m, 1g, bytes")
+    auth_cache_seconds: int = Field(30, alias="MLFLOW_AUTH_CACHE_SECONDS", ge=0, le=86400,
+                                    json_schema_extra={"unit": " seconds"},
+                                    description="how long a checked password is remembered")
+    public_hosts: str = Field("", alias="MLFLOW_PUBLIC_HOSTS",
+                              description="comma-separated host names the server answers to besides its own")
+    cors_origins: str = Field("", alias="MLFLOW_CORS_ORIGINS", description="comma-separated browser origins")
+    creator: str = Field("trainer", alias="TRAINER_USERNAME",
+                         description="the account besides admins that may create experiments and models")
+
+    @field_validator("max_body_bytes", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        raw = value.strip().lower()
+        number, unit = (raw[:-1], raw[-1]) if raw[-1:] in "kmg" else (raw, "")
+        if not number.isdigit() or int(number) == 0:
+            raise ValueError("expected a size such as 512m, 1g or a number of bytes")
+        return int(number) * _UNITS[unit]
 
 
-def auth_db() -> str:
-    return optional("MLFLOW_AUTH_DB", "mlflow_auth")
+class Accounts(Admin):
+    """mlflow-init: the service accounts and what they may do, made as the admin."""
+
+    trainer_username: str = Field(alias="TRAINER_USERNAME", min_length=1, description="the trainer's account")
+    trainer_password: SecretStr = Field(alias="TRAINER_PASSWORD", description="its password")
+    serving_username: str = Field(alias="SERVING_USERNAME", min_length=1, description="serving's account")
+    serving_password: SecretStr = Field(alias="SERVING_PASSWORD", description="its password")
+    experiment_name: str = Field(alias="EXPERIMENT_NAME", min_length=1, description="the trainer's experiment")
+    model_name: str = Field(alias="MODEL_NAME", min_length=1, description="the registered model")
 
 
-def bucket() -> str:
-    return required("S3_BUCKET")
+class AdminReset(Postgres, Admin):
+    """After a restore: the admin logs in with this stack's password again."""
+
+
+def load(cls: type[env_settings.Settings]) -> env_settings.Settings:
+    """cls from the environment; one line and exit status 2 on a missing or bad value."""
+    try:
+        return env_settings.load(cls, missing_hint=" (run 'make env' to generate .env)")
+    except ConfigError as error:
+        log(f"configuration error: {error}")
+        sys.exit(2)
 
 
 def log(message: str) -> None:

@@ -16,12 +16,12 @@ import psycopg2
 from tracking import settings
 
 
-def wait_for_postgres(deadline_s: float = 120) -> None:
+def wait_for_postgres(conf: settings.Server, deadline_s: float = 120) -> None:
     deadline = time.monotonic() + deadline_s
     delay = 0.5
     while True:
         try:
-            psycopg2.connect(**settings.postgres_params(settings.tracking_db()), connect_timeout=5).close()
+            psycopg2.connect(**conf.params(conf.tracking_db), connect_timeout=5).close()
             return
         except psycopg2.OperationalError as error:
             if time.monotonic() > deadline:
@@ -30,7 +30,7 @@ def wait_for_postgres(deadline_s: float = 120) -> None:
             delay = min(delay * 2, 5)
 
 
-def write_auth_config() -> str:
+def write_auth_config(conf: settings.Server) -> str:
     """The auth app reads its database URI from an ini file; it holds a password, so it
     lives in the container's tmpfs with mode 600 and never in the image."""
     fd, path = tempfile.mkstemp(prefix="mlflow-auth-", suffix=".ini")
@@ -40,12 +40,12 @@ def write_auth_config() -> str:
             # Nobody reads what they were not granted: mlflow-init grants each service account
             # its own experiment and model, and the admin grants teammates theirs.
             "default_permission = NO_PERMISSIONS\n"
-            f"database_uri = {settings.postgres_uri(settings.auth_db())}\n"
+            f"database_uri = {conf.uri(conf.auth_db)}\n"
             # Every API call checks a password hash, which costs tens of milliseconds of CPU;
             # remembering a successful check briefly makes polling clients (serving) cheap.
             # A password changed through the API is seen at once by the worker that took the
             # change and by the others within this many seconds.
-            f"auth_cache_ttl_seconds = {settings.optional('MLFLOW_AUTH_CACHE_SECONDS', '30')}\n"
+            f"auth_cache_ttl_seconds = {conf.auth_cache_seconds}\n"
             # MLflow's basic auth behind a guard that answers malformed requests with a 4xx
             # where MLflow's permission checks would fail with a 500 (auth_guard.py).
             "authorization_function = tracking.auth_guard:authenticate_request\n"
@@ -53,27 +53,25 @@ def write_auth_config() -> str:
     return path
 
 
-def allowed_hosts(port: str) -> str:
+def allowed_hosts(port: int, public_hosts: str) -> str:
     # Service-name access from the other containers, loopback from the host, plus every
     # public name the team uses. Private address ranges are deliberately not allowed by
     # default: DNS rebinding protection should not depend on the network layout.
     hosts = ["mlflow", f"mlflow:{port}", "localhost", "localhost:*", "127.0.0.1", "127.0.0.1:*", "[[]::1]:*"]
-    for host in filter(None, (h.strip() for h in settings.optional("MLFLOW_PUBLIC_HOSTS", "").split(","))):
+    for host in filter(None, (h.strip() for h in public_hosts.split(","))):
         hosts += [host, f"{host}:*"]
     return ",".join(hosts)
 
 
 def main() -> None:
-    settings.required("MLFLOW_FLASK_SERVER_SECRET_KEY")
-    os.environ["MLFLOW_AUTH_ADMIN_USERNAME"] = settings.required("MLFLOW_ADMIN_USERNAME")
-    os.environ["MLFLOW_AUTH_ADMIN_PASSWORD"] = settings.required("MLFLOW_ADMIN_PASSWORD")
-    settings.required("AWS_ACCESS_KEY_ID")
-    settings.required("AWS_SECRET_ACCESS_KEY")
-    port = settings.optional("MLFLOW_CONTAINER_PORT", "5000")
+    conf = settings.load(settings.Server)
+    os.environ["MLFLOW_AUTH_ADMIN_USERNAME"] = conf.admin_username
+    os.environ["MLFLOW_AUTH_ADMIN_PASSWORD"] = conf.admin_password.get_secret_value()
+    port = conf.container_port
 
-    wait_for_postgres()
+    wait_for_postgres(conf)
     settings.log("upgrading the tracking schema (no-op when current)")
-    tracking_uri = settings.postgres_uri(settings.tracking_db())
+    tracking_uri = conf.uri(conf.tracking_db)
     # The URI holds a password, so it never goes on a command line (ps, logs): the upgrade
     # runs in this process through the CLI command's own function, the server reads the
     # URI from its environment variable.
@@ -81,7 +79,7 @@ def main() -> None:
 
     mlflow.db.upgrade.callback(tracking_uri)
     os.environ["MLFLOW_BACKEND_STORE_URI"] = tracking_uri
-    os.environ["MLFLOW_AUTH_CONFIG_PATH"] = write_auth_config()
+    os.environ["MLFLOW_AUTH_CONFIG_PATH"] = write_auth_config(conf)
 
     # MLflow's background job runner serves GenAI features (scorers, trace rollups) that
     # this stack does not use; it costs two processes polling the database.
@@ -91,19 +89,19 @@ def main() -> None:
     os.environ["MLFLOW_SERVER_ENABLE_GRAPHQL_AUTH"] = "true"
     # Read by body_limit.py in every worker: bodies above it get 413 before they are read.
     # Read by auth_guard: who besides MLflow admins may create experiments and models.
-    os.environ["MLFLOW_CREATORS"] = settings.optional("TRAINER_USERNAME", "trainer")
-    os.environ["MLFLOW_MAX_BODY_BYTES"] = str(settings.size_in_bytes("MLFLOW_MAX_BODY_SIZE", "512m"))
-    origins = settings.optional("MLFLOW_CORS_ORIGINS", "")
+    os.environ["MLFLOW_CREATORS"] = conf.creator
+    os.environ["MLFLOW_MAX_BODY_BYTES"] = str(conf.max_body_bytes)
+    origins = conf.cors_origins
     args = [
         "mlflow", "server",
         # MLflow's basic-auth app behind a request body limit (body_limit.py).
         "--app-name", "stack-basic-auth",
         "--serve-artifacts",
-        "--artifacts-destination", f"s3://{settings.bucket()}/artifacts",
+        "--artifacts-destination", f"s3://{conf.bucket}/artifacts",
         "--host", "0.0.0.0",
-        "--port", port,
-        "--workers", settings.optional("MLFLOW_WORKERS", "2"),
-        "--allowed-hosts", allowed_hosts(port),
+        "--port", str(port),
+        "--workers", str(conf.workers),
+        "--allowed-hosts", allowed_hosts(port, conf.public_hosts),
     ]
     if origins:
         args += ["--cors-allowed-origins", origins]
