@@ -40,7 +40,8 @@ build: env ## Build the stack's images (each once; later builds reuse the cache)
 
 up: build ## Build, start detached, wait until healthy, print the URLs
 	@scripts/check-bind-address.sh $(ENV_FILE)
-	@$(COMPOSE) up -d --wait --wait-timeout 300 || { $(COMPOSE) ps -a; $(COMPOSE) logs --tail 40; exit 1; }
+	@$(COMPOSE) up -d --wait --wait-timeout 300 || { $(COMPOSE) ps -a; $(COMPOSE) logs --tail 40; \
+	  echo "make up: a service did not become healthy; its logs are above (make logs SERVICE=<name> for more, make doctor to check this machine)"; exit 1; }
 	@scripts/print-urls.sh
 
 down: ## Stop the stack; every run, model and artifact is kept

@@ -22,12 +22,14 @@ import mlflow.data
 from mlflow.entities import Metric
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow.utils.async_logging.run_operations import RunOperations
 
 from stack_common.text import one_line
 from stack_common.uris import redact
 
 if TYPE_CHECKING:  # the registry commands use this module and need no torch
+    # What MLflow's public log_batch(synchronous=False) returns; named for the annotation only.
+    from mlflow.utils.async_logging.run_operations import RunOperations
+
     from trainer.data import Split
 
 T = TypeVar("T")
