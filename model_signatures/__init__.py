@@ -255,7 +255,9 @@ def log_signed_model(save: Callable[[str], object], name: str, registered_model:
 
     run_id = run_id or mlflow.active_run().info.run_id
     client = mlflow.MlflowClient()
-    logged = mlflow.initialize_logged_model(name=name, source_run_id=run_id)
+    # In the run's experiment, whichever experiment is active in this process.
+    experiment_id = client.get_run(run_id).info.experiment_id
+    logged = mlflow.initialize_logged_model(name=name, source_run_id=run_id, experiment_id=experiment_id)
     try:
         with tempfile.TemporaryDirectory() as tmp:
             local = Path(tmp) / name
