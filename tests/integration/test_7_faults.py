@@ -25,7 +25,7 @@ from stack import ROOT, Stack, poll
 FAULT_DATA, FAULT_TRAIN_IMAGES, FAULT_TEST_IMAGES = "/data/faults", 3000, 200
 TRAIN_ARGS = ("--data-dir", FAULT_DATA, "--no-download", "--epochs", "10", "--batch-size", "32",
               "--log-every", "5", "--promotion-policy", "never")
-PROGRESS = re.compile(r"^epoch \d+/\d+  step \d+/\d+  global \d+  loss")
+PROGRESS = re.compile(r"^epoch \d+/\d+  step \d+/\d+  global (\d+)  loss")
 EVALUATION = re.compile(r"^epoch \d+/\d+  eval_loss")
 TRAIN_KEYS = ("train_loss", "train_accuracy", "train_images_per_sec", "lr")
 EVAL_KEYS = ("eval_loss", "eval_accuracy", "epoch", "epoch_seconds")
@@ -33,18 +33,28 @@ REPORT = ROOT / "tests/artifacts/fault-report.json"
 
 
 class TrainingJob:
-    """`docker compose run trainer ...` in the background, its output read as it comes."""
+    """`docker compose run trainer ...` in the background, its output read as it comes.
+
+    stdout and stderr are read from separate pipes: the progress lines are counted from
+    stdout alone, so a warning written to stderr at the same moment cannot split one.
+    """
 
     def __init__(self, stack: Stack, *args: str):
         self.lines: list[str] = []
+        self.stdout_lines: list[str] = []
         self.process = subprocess.Popen(stack.compose_command("run", "--rm", "-T", "trainer", *args),
-                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
-        self.reader = threading.Thread(target=self._read, daemon=True)
-        self.reader.start()
+                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        self.readers = [threading.Thread(target=self._read, args=(self.process.stdout, True), daemon=True),
+                        threading.Thread(target=self._read, args=(self.process.stderr, False), daemon=True)]
+        for reader in self.readers:
+            reader.start()
 
-    def _read(self) -> None:
-        for line in self.process.stdout:
-            self.lines.append(line.rstrip("\n"))
+    def _read(self, stream, is_stdout: bool) -> None:
+        for line in stream:
+            line = line.rstrip("\n")
+            self.lines.append(line)
+            if is_stdout:
+                self.stdout_lines.append(line)
 
     @property
     def output(self) -> str:
@@ -62,7 +72,8 @@ class TrainingJob:
 
     def finish(self, timeout: float = 600) -> int:
         code = self.process.wait(timeout=timeout)
-        self.reader.join(timeout=10)
+        for reader in self.readers:
+            reader.join(timeout=10)
         return code
 
     def stop(self) -> None:
@@ -70,20 +81,28 @@ class TrainingJob:
             self.process.kill()
             self.process.wait(timeout=30)
 
-    def printed_metric_counts(self) -> dict[str, int]:
-        """How many values of each metric the trainer logged, from its own progress lines."""
-        lines = list(self.lines)
-        steps = sum(1 for line in lines if PROGRESS.match(line))
-        epochs = sum(1 for line in lines if EVALUATION.match(line))
-        return {**{key: steps for key in TRAIN_KEYS}, **{key: epochs for key in EVAL_KEYS}}
+    def printed_steps(self) -> Counter:
+        """The global step of every progress line the trainer printed, each one it logged metrics for."""
+        return Counter(int(match.group(1)) for line in list(self.stdout_lines) if (match := PROGRESS.match(line)))
+
+    def printed_evaluations(self) -> int:
+        return sum(1 for line in list(self.stdout_lines) if EVALUATION.match(line))
+
+
+def metric_steps(stack: Stack, run_id: str) -> dict[str, Counter]:
+    """Rows per metric key and step in the tracking database itself."""
+    query = f"SELECT key, step FROM metrics WHERE run_uuid = '{run_id}'"
+    out = stack.compose("exec", "-T", "postgres", "sh", "-c",
+                        f'psql -U "$POSTGRES_USER" -d "$POSTGRES_DB" -At -F " " -c "{query}"').stdout
+    steps: dict[str, Counter] = {}
+    for key, step in (line.split() for line in out.splitlines() if line):
+        steps.setdefault(key, Counter())[int(step)] += 1
+    return steps
 
 
 def metric_rows(stack: Stack, run_id: str) -> Counter:
     """Rows per metric key in the tracking database itself."""
-    query = f"SELECT key, count(*) FROM metrics WHERE run_uuid = '{run_id}' GROUP BY key"
-    out = stack.compose("exec", "-T", "postgres", "sh", "-c",
-                        f'psql -U "$POSTGRES_USER" -d "$POSTGRES_DB" -At -F " " -c "{query}"').stdout
-    return Counter({key: int(count) for key, count in (line.split() for line in out.splitlines() if line)})
+    return Counter({key: sum(steps.values()) for key, steps in metric_steps(stack, run_id).items()})
 
 
 def report(name: str, figures: dict) -> None:
@@ -125,14 +144,26 @@ def first_metrics_stored(stack: Stack, run_id: str) -> None:
 
 
 def assert_finished_with_every_metric(stack: Stack, admin_client: MlflowClient, job: TrainingJob, run_id: str):
+    """The run finished, and Postgres holds each printed step's metrics exactly once: no gap, no duplicate."""
     code = job.finish()
     assert code == 0, f"trainer exited {code}:\n{job.output[-4000:]}"
     assert admin_client.get_run(run_id).info.status == "FINISHED"
-    printed = job.printed_metric_counts()
-    assert printed["train_loss"] > 0 and printed["eval_loss"] == 10, job.output[-3000:]
-    rows = metric_rows(stack, run_id)
-    assert {key: rows[key] for key in printed} == printed, "metric rows in Postgres differ from what was logged"
-    return rows
+    printed = job.printed_steps()
+    assert printed and max(printed.values()) == 1, f"progress lines unreadable: {sorted(printed.items())[:20]}"
+    assert job.printed_evaluations() == 10, job.output[-3000:]
+    stored = metric_steps(stack, run_id)
+    for key in TRAIN_KEYS:
+        rows = stored.get(key, Counter())
+        duplicated = sorted(step for step, count in rows.items() if count > 1)
+        missing = sorted(set(printed) - set(rows))
+        unprinted = sorted(set(rows) - set(printed))
+        assert not (duplicated or missing or unprinted), (
+            f"{key}: steps stored twice {duplicated}, printed but not stored {missing}, "
+            f"stored but never printed {unprinted}\n{job.output[-3000:]}")
+    for key in EVAL_KEYS:
+        rows = stored.get(key, Counter())
+        assert len(rows) == 10 and max(rows.values()) == 1, f"{key}: {sorted(rows.items())}"
+    return Counter({key: sum(steps.values()) for key, steps in stored.items()})
 
 
 def test_postgres_restart_while_the_trainer_logs_loses_no_metric(stack: Stack, training, admin_client):
