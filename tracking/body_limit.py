@@ -1,7 +1,8 @@
-"""The tracking server's app: MLflow's basic-auth app behind a request body limit.
+"""The tracking server's app: MLflow's basic-auth app, or with single sign-on the
+mlflow-oidc-auth plugin's, behind a request body limit.
 
-Registered as the MLflow app `stack-basic-auth` (pyproject.toml beside this file), so
-`mlflow server --app-name stack-basic-auth` runs it with everything `mlflow server` sets up.
+Registered as the MLflow apps `stack-basic-auth` and `stack-oidc-auth` (pyproject.toml), so
+`mlflow server --app-name ...` runs them with everything `mlflow server` sets up.
 Artifact uploads are staged in the server's /tmp, a tmpfs that counts against its memory
 limit; a body larger than MLFLOW_MAX_BODY_BYTES is answered 413 from its Content-Length
 before a byte of it is read, and one whose length is not declared (chunked) is cut off with
@@ -84,8 +85,19 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+def _limit() -> int:
+    return int(os.environ.get("MLFLOW_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES))
+
+
 def create_app() -> ASGIApp:
     """The factory `mlflow server` hands to uvicorn, in every worker."""
     from mlflow.server.auth import create_app as basic_auth_app
 
-    return BodyLimit(basic_auth_app(), int(os.environ.get("MLFLOW_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES)))
+    return BodyLimit(basic_auth_app(), _limit())
+
+
+def create_oidc_app() -> ASGIApp:
+    """The same with single sign-on: the mlflow-oidc-auth plugin's app (AUTH_MODE=oidc)."""
+    from mlflow_oidc_auth.app import app as oidc_app
+
+    return BodyLimit(oidc_app, _limit())

@@ -1,10 +1,11 @@
 """One-shot, before the tracking server starts: the Postgres role it connects as.
 
 The tracking server never holds the superuser. It logs in as MLFLOW_DB_USER, a role that
-may log in and owns the tracking and auth databases and what is in them, nothing else: no
-superuser, no CREATEDB, no CREATEROLE, and no other database accepts it. Everything here is
-idempotent and runs on every start, so a volume written by an older release (where the
-superuser owned everything) is handed over, and a password changed in .env takes effect.
+may log in and owns the tracking and auth databases (with single sign-on, the plugin's too)
+and what is in them, nothing else: no superuser, no CREATEDB, no CREATEROLE, and no other
+database accepts it. Everything here is idempotent and runs on every start, so a volume
+written by an older release (where the superuser owned everything) is handed over, and a
+password changed in .env takes effect.
 """
 
 from __future__ import annotations
@@ -97,7 +98,7 @@ def hand_over_contents(conf: settings.DatabaseInit, database: str, owner: str) -
 def main() -> None:
     conf = settings.load(settings.DatabaseInit)
     role = conf.user
-    databases = (conf.tracking_db, conf.auth_db)
+    databases = conf.databases()
     conn = connect(conf, "postgres")
     try:
         with conn.cursor() as cur:
@@ -111,7 +112,7 @@ def main() -> None:
     moved = sum(hand_over_contents(conf, database, role) for database in databases)
     if moved:
         settings.log(f"handed {moved} existing tables, sequences and types to {role}")
-    settings.log(f"role {role} owns databases {conf.tracking_db} and {conf.auth_db}, nothing else")
+    settings.log(f"role {role} owns databases {', '.join(databases)}, nothing else")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ fallback value. Nothing here imports MLflow: a typo fails in a second.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -20,7 +20,8 @@ from stack_common.settings import ConfigError, EnvSettings
 if TYPE_CHECKING:
     from botocore.client import BaseClient as S3Client
 
-__all__ = ["Accounts", "AdminReset", "BucketInit", "ConfigError", "DatabaseInit", "S3", "Server", "load", "log"]
+__all__ = ["Accounts", "AdminReset", "BucketInit", "ConfigError", "DatabaseInit", "S3", "Server", "ServiceAccounts",
+           "SingleSignOn", "load", "log"]
 
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
@@ -33,8 +34,17 @@ class Postgres(EnvSettings):
     tracking_db: str = Field(alias="POSTGRES_DB", min_length=1, description="the tracking database")
     auth_db: str = Field("mlflow_auth", alias="MLFLOW_AUTH_DB", min_length=1,
                          description="the database of MLflow's users and permissions")
+    oidc_db: str = Field("mlflow_oidc", alias="MLFLOW_OIDC_DB", min_length=1,
+                         description="the single sign-on plugin's users, groups, grants and tokens")
     user: str = Field(alias="MLFLOW_DB_USER", min_length=1, description="the role the server logs in as")
     password: SecretStr = Field(alias="MLFLOW_DB_PASSWORD", description="that role's password")
+    auth_mode: Literal["basic", "oidc"] = Field("basic", alias="AUTH_MODE",
+                                                description="how people log in: MLflow's users, or single sign-on")
+
+    def databases(self) -> tuple[str, ...]:
+        """The databases the server's role owns: the plugin's only in single sign-on mode."""
+        extra = (self.oidc_db,) if self.auth_mode == "oidc" else ()
+        return (self.tracking_db, self.auth_db, *extra)
 
     def uri(self, database: str) -> str:
         user, password = quote(self.user, safe=""), quote(self.password.get_secret_value(), safe="")
@@ -147,6 +157,55 @@ class Accounts(Admin):
     serving_password: SecretStr = Field(alias="SERVING_PASSWORD", description="its password")
     experiment_name: str = Field(alias="EXPERIMENT_NAME", min_length=1, description="the trainer's experiment")
     model_name: str = Field(alias="MODEL_NAME", min_length=1, description="the registered model")
+
+
+class SingleSignOn(EnvSettings):
+    """AUTH_MODE=oidc: what the server needs to send people to the identity provider. The
+    plugin reads these (and its optional OIDC_* settings) from the environment itself; they
+    are declared here so a missing one is one line at start, not a failed login later."""
+
+    discovery_url: str = Field(alias="OIDC_DISCOVERY_URL", min_length=1,
+                               description="the provider's .well-known/openid-configuration URL")
+    client_id: str = Field(alias="OIDC_CLIENT_ID", min_length=1, description="MLflow's client at the provider")
+    client_secret: SecretStr = Field(alias="OIDC_CLIENT_SECRET", description="that client's secret")
+    redirect_uri: str = Field(alias="OIDC_REDIRECT_URI", min_length=1,
+                              description="MLflow's public address + /callback")
+
+    @field_validator("discovery_url", "redirect_uri")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("https://", "http://")):
+            raise ValueError("expected an http(s):// URL")
+        return value
+
+    @field_validator("client_secret")
+    @classmethod
+    def _secret(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value():
+            raise ValueError("must not be empty")
+        return value
+
+
+class ServiceAccounts(Postgres):
+    """mlflow-init with single sign-on: the trainer's and serving's accounts and tokens, made
+    in the plugin's own store (its token API answers only people logged in at the provider)."""
+
+    container_port: int = Field(5000, alias="MLFLOW_CONTAINER_PORT", ge=1, le=65535,
+                                description="the server's port inside its container")
+    trainer_username: str = Field(alias="TRAINER_USERNAME", min_length=1, description="the trainer's account")
+    serving_username: str = Field(alias="SERVING_USERNAME", min_length=1, description="serving's account")
+    experiment_name: str = Field(alias="EXPERIMENT_NAME", min_length=1, description="the trainer's experiment")
+    model_name: str = Field(alias="MODEL_NAME", min_length=1, description="the registered model")
+    read_groups: str = Field("", alias="OIDC_READ_GROUPS",
+                             description="comma-separated groups given READ on the experiment and model")
+    edit_groups: str = Field("", alias="OIDC_EDIT_GROUPS",
+                             description="comma-separated groups given EDIT on the experiment and model")
+
+    def group_grants(self) -> list[tuple[str, str]]:
+        def names(value: str) -> list[str]:
+            return [name.strip() for name in value.split(",") if name.strip()]
+        return [(group, "READ") for group in names(self.read_groups)] + \
+               [(group, "EDIT") for group in names(self.edit_groups)]
 
 
 class AdminReset(Postgres, Admin):

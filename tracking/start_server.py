@@ -1,8 +1,10 @@
-"""Start the tracking server: the schema first, then MLflow's own server with basic auth.
+"""Start the tracking server: the schema first, then MLflow's own server with basic auth, or
+with single sign-on through the mlflow-oidc-auth plugin when AUTH_MODE=oidc.
 
 Order matters: the tracking schema is upgraded before any request is served, so a newer
 image keeps the data an older one wrote. Both databases exist already: db-init creates them,
 owned by the role this server logs in as (MLFLOW_DB_USER), which cannot create others.
+Either way the app runs behind the request body limit (body_limit.py).
 """
 
 from __future__ import annotations
@@ -53,6 +55,26 @@ def write_auth_config(conf: settings.Server) -> str:
     return path
 
 
+def prepare_single_sign_on(conf: settings.Server) -> None:
+    """The plugin reads its settings from the environment (OIDC_* from compose.oidc.yaml);
+    its schema is migrated here, once, before the server's workers start."""
+    settings.load(settings.SingleSignOn)
+    uri = conf.uri(conf.oidc_db)
+    os.environ["OIDC_USERS_DB_URI"] = uri
+    # The plugin signs its session cookies with this key; the stack keeps one secret for
+    # exactly that purpose already.
+    os.environ["SECRET_KEY"] = conf.flask_secret.get_secret_value()
+    import sqlalchemy
+    from mlflow_oidc_auth.db import utils as plugin_db
+
+    settings.log("upgrading the single sign-on schema (no-op when current)")
+    engine = sqlalchemy.create_engine(uri)
+    try:
+        plugin_db.migrate_if_needed(engine, "head")
+    finally:
+        engine.dispose()
+
+
 def allowed_hosts(port: int, public_hosts: str) -> str:
     # Service-name access from the other containers, loopback from the host, plus every
     # public name the team uses. Private address ranges are deliberately not allowed by
@@ -79,7 +101,10 @@ def main() -> None:
 
     mlflow.db.upgrade.callback(tracking_uri)
     os.environ["MLFLOW_BACKEND_STORE_URI"] = tracking_uri
-    os.environ["MLFLOW_AUTH_CONFIG_PATH"] = write_auth_config(conf)
+    if conf.auth_mode == "oidc":
+        prepare_single_sign_on(conf)
+    else:
+        os.environ["MLFLOW_AUTH_CONFIG_PATH"] = write_auth_config(conf)
 
     # MLflow's background job runner serves GenAI features (scorers, trace rollups) that
     # this stack does not use; it costs two processes polling the database.
@@ -94,8 +119,8 @@ def main() -> None:
     origins = conf.cors_origins
     args = [
         "mlflow", "server",
-        # MLflow's basic-auth app behind a request body limit (body_limit.py).
-        "--app-name", "stack-basic-auth",
+        # MLflow's basic-auth app or the plugin's, behind a request body limit (body_limit.py).
+        "--app-name", "stack-oidc-auth" if conf.auth_mode == "oidc" else "stack-basic-auth",
         "--serve-artifacts",
         "--artifacts-destination", f"s3://{conf.bucket}/artifacts",
         "--host", "0.0.0.0",
@@ -105,7 +130,7 @@ def main() -> None:
     ]
     if origins:
         args += ["--cors-allowed-origins", origins]
-    settings.log(f"starting the tracking server on port {port}")
+    settings.log(f"starting the tracking server on port {port} ({conf.auth_mode} auth)")
     os.execvp(args[0], args)
 
 
