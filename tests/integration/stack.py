@@ -90,13 +90,15 @@ class Stack:
     env_file: Path
     offline: bool
     env: dict[str, str] = field(default_factory=dict)
+    # Overrides after the base files, e.g. single sign-on (compose.oidc.yaml).
+    extra_files: tuple[Path, ...] = ()
 
     @property
     def compose_files(self) -> list[Path]:
         files = [ROOT / "compose.yaml"]
         if self.offline:
             files.append(ROOT / "compose.offline.yaml")
-        return files
+        return files + list(self.extra_files)
 
     @property
     def docker(self) -> DockerClient:

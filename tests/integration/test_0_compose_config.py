@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -58,3 +59,33 @@ def test_missing_secret_stops_compose_and_names_it(env_file, tmp_path):
     result = compose_config(broken, VARIANTS["default"])
     assert result.returncode != 0
     assert "POSTGRES_PASSWORD" in result.stderr
+
+
+def test_single_sign_on_needs_its_provider_settings_and_hands_out_no_password(env_file, tmp_path):
+    files = ["compose.yaml", "compose.oidc.yaml"]
+    result = compose_config(env_file, files)
+    assert result.returncode != 0
+    # Compose names the first unset one it meets, in no fixed order.
+    assert re.search(r"OIDC_(DISCOVERY_URL|CLIENT_ID|CLIENT_SECRET|REDIRECT_URI) is not set; see Single sign-on",
+                     result.stderr), result.stderr
+    provider = {"OIDC_DISCOVERY_URL": "https://idp.example.com/.well-known/openid-configuration",
+                "OIDC_CLIENT_ID": "mlflow", "OIDC_CLIENT_SECRET": "from-the-provider",
+                "OIDC_REDIRECT_URI": "https://mlflow.example.com/callback"}
+    configured = tmp_path / ".env"
+    configured.write_text("".join(line + "\n" for line in env_file.read_text().splitlines()
+                                  if line.split("=", 1)[0] not in provider)
+                          + "".join(f"{k}={v}\n" for k, v in provider.items()))
+    result = compose_config(configured, files)
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert services["mlflow"]["environment"]["AUTH_MODE"] == "oidc"
+    assert services["db-init"]["environment"]["AUTH_MODE"] == "oidc"
+    # The service accounts' tokens come from a volume each, never from the environment.
+    for name, home in (("trainer", "/home/app/.mlflow"), ("serving", "/tmp/.mlflow")):
+        assert services[name]["environment"]["MLFLOW_TRACKING_PASSWORD"] == ""
+        mount = next(v for v in services[name]["volumes"] if v["target"] == home)
+        assert mount["source"] == f"{name}-credentials" and mount["read_only"]
+    # mlflow-init works in the plugin's store as the server's role: no admin or service password.
+    init = services["mlflow-init"]["environment"]
+    assert "MLFLOW_DB_PASSWORD" in init
+    assert not {"MLFLOW_ADMIN_PASSWORD", "TRAINER_PASSWORD", "SERVING_PASSWORD", "POSTGRES_PASSWORD"} & init.keys()

@@ -65,3 +65,44 @@ def test_a_program_exits_2_with_the_line_on_stderr(monkeypatch, capsys):
         settings.load(settings.DatabaseInit)
     assert exited.value.code == 2
     assert capsys.readouterr().err == f"[mlflow-setup] configuration error: MLFLOW_DB_PASSWORD is not set{HINT}\n"
+
+
+SSO = {"OIDC_DISCOVERY_URL": "https://idp.example.com/.well-known/openid-configuration",
+       "OIDC_CLIENT_ID": "mlflow", "OIDC_CLIENT_SECRET": "from-the-provider",
+       "OIDC_REDIRECT_URI": "https://mlflow.example.com/callback"}
+
+
+def test_single_sign_on_adds_the_plugins_database_to_what_the_role_owns():
+    assert load(settings.DatabaseInit, ENV).databases() == ("mlflow", "mlflow_auth")
+    assert load(settings.DatabaseInit, {**ENV, "AUTH_MODE": "oidc"}).databases() == (
+        "mlflow", "mlflow_auth", "mlflow_oidc")
+
+
+@pytest.mark.parametrize(("change", "line"), [
+    ({"AUTH_MODE": "saml"}, "AUTH_MODE='saml' is not valid: Input should be 'basic' or 'oidc' "
+                             "(how people log in: MLflow's users, or single sign-on)"),
+])
+def test_an_unknown_auth_mode_is_one_line(change, line):
+    with pytest.raises(ConfigError) as refused:
+        load(settings.Server, {**ENV, **change})
+    assert str(refused.value) == line
+
+
+@pytest.mark.parametrize(("change", "line"), [
+    ({"OIDC_CLIENT_SECRET": ""}, "OIDC_CLIENT_SECRET is not set"),
+    ({"OIDC_DISCOVERY_URL": "idp.example.com"}, "OIDC_DISCOVERY_URL='idp.example.com' is not valid: "
+                                                "expected an http(s):// URL"),
+])
+def test_single_sign_on_settings_are_checked_before_the_server_starts(change, line):
+    assert load(settings.SingleSignOn, SSO).client_id == "mlflow"
+    with pytest.raises(ConfigError) as refused:
+        load(settings.SingleSignOn, {**SSO, **change})
+    assert str(refused.value) == line
+
+
+def test_service_accounts_need_no_password_and_list_the_groups_grants():
+    env = {key: ENV[key] for key in ("POSTGRES_DB", "MLFLOW_DB_USER", "MLFLOW_DB_PASSWORD", "TRAINER_USERNAME",
+                                     "SERVING_USERNAME", "EXPERIMENT_NAME", "MODEL_NAME")}
+    accounts = load(settings.ServiceAccounts, {**env, "OIDC_READ_GROUPS": "readers, analysts,",
+                                               "OIDC_EDIT_GROUPS": "ml-team"})
+    assert accounts.group_grants() == [("readers", "READ"), ("analysts", "READ"), ("ml-team", "EDIT")]
