@@ -15,7 +15,7 @@ import time
 
 import psycopg2
 
-from tracking import settings
+from tracking import reset_admin, settings
 
 
 def wait_for_postgres(conf: settings.Server, deadline_s: float = 120) -> None:
@@ -105,6 +105,8 @@ def main() -> None:
         prepare_single_sign_on(conf)
     else:
         os.environ["MLFLOW_AUTH_CONFIG_PATH"] = write_auth_config(conf)
+        # The admin's password follows .env like every other: rotating it is `make up`.
+        reset_admin.apply(conf)
 
     # MLflow's background job runner serves GenAI features (scorers, trace rollups) that
     # this stack does not use; it costs two processes polling the database.
