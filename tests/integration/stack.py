@@ -7,6 +7,7 @@ and polls with deadlines instead of sleeping.
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 import subprocess
 import time
@@ -116,6 +117,14 @@ class Stack:
     def credentials(self, who: str) -> tuple[str, str]:
         prefix = {"admin": "MLFLOW_ADMIN", "trainer": "TRAINER", "serving": "SERVING"}[who]
         return self.env[f"{prefix}_USERNAME"], self.env[f"{prefix}_PASSWORD"]
+
+    def rotate_secret(self, name: str) -> str:
+        """A new value for one secret in the stack's .env, as a person edits it; returns it."""
+        value = secrets.token_urlsafe(24)
+        lines = [line for line in self.env_file.read_text().splitlines() if not line.startswith(f"{name}=")]
+        self.env_file.write_text("\n".join(lines + [f"{name}={value}"]) + "\n")
+        self.env[name] = value
+        return value
 
     def compose_command(self, *args: str) -> list[str]:
         """The docker compose CLI, as a user would type it, for this project."""

@@ -1,11 +1,14 @@
-"""`make down` then `make up` keeps runs, models and artifacts. Runs last: it restarts the
-shared stack."""
+"""`make down` then `make up` keeps runs, models and artifacts, and rotating the passwords in
+.env then `make up` on the same volumes puts the new ones in force. Runs last: it restarts the
+shared stack. It needs only the `trained` run; after test_8 that run is the one test_8 restored."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
+import requests
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 from stack import Stack
@@ -39,3 +42,51 @@ def test_down_and_up_keep_runs_models_and_artifacts(stack: Stack, trained, admin
     after = snapshot(admin_client, stack, run_id, tmp_path / "after")
     assert after == before
     stack.wait_served_version(before["alias"], timeout=120)
+
+
+# Every secret that `make up` re-applies to an existing stack. POSTGRES_PASSWORD and
+# S3_SECRET_KEY are the roots, fixed when their volumes are made (README: Security).
+ROTATED = ("MLFLOW_ADMIN_PASSWORD", "TRAINER_PASSWORD", "SERVING_PASSWORD", "MLFLOW_DB_PASSWORD", "S3_APP_SECRET_KEY")
+SEARCH = "/api/2.0/mlflow/experiments/search?max_results=1"
+S3_PROBE = """
+import os, sys, boto3
+from botocore.exceptions import ClientError
+s3 = boto3.client("s3", endpoint_url=os.environ["MLFLOW_S3_ENDPOINT_URL"], region_name=os.environ["AWS_DEFAULT_REGION"],
+                  aws_access_key_id=os.environ["AWS_ACCESS_KEY_ID"], aws_secret_access_key=sys.argv[1])
+try:
+    s3.list_objects_v2(Bucket=os.environ["S3_BUCKET"], Prefix=".s3-init-check/", MaxKeys=1)
+    print("allowed")
+except ClientError as error:
+    print("refused", error.response["Error"]["Code"])
+"""
+
+
+def test_rotated_passwords_take_effect_with_make_up_on_the_same_volumes(stack: Stack, trained, admin_client):
+    old = {name: stack.env[name] for name in ROTATED}
+    for name in ROTATED:
+        stack.rotate_secret(name)
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = stack.env["MLFLOW_ADMIN_PASSWORD"]
+    stack.compose("up", "-d", "--wait", "--wait-timeout", "300")
+
+    for who, prefix in (("admin", "MLFLOW_ADMIN"), ("trainer", "TRAINER"), ("serving", "SERVING")):
+        user = stack.credentials(who)[0]
+        new = requests.get(stack.mlflow_url + SEARCH, auth=(user, stack.env[f"{prefix}_PASSWORD"]), timeout=30)
+        assert new.status_code == 200, f"{who}'s new password: {new.status_code} {new.text[:200]}"
+        stale = requests.get(stack.mlflow_url + SEARCH, auth=(user, old[f"{prefix}_PASSWORD"]), timeout=30)
+        assert stale.status_code == 401, f"{who}'s old password: {stale.status_code}"
+
+    # The server's database role: the new password is in use (the API answered), the old one is refused.
+    role, database = stack.env["MLFLOW_DB_USER"], stack.env["POSTGRES_DB"]
+    for password, expected in ((stack.env["MLFLOW_DB_PASSWORD"], 0), (old["MLFLOW_DB_PASSWORD"], 2)):
+        login = stack.compose("exec", "-T", "-e", f"PGPASSWORD={password}", "postgres", "psql", "-h", "127.0.0.1",
+                              "-U", role, "-d", database, "-Atc", "SELECT 1", check=False)
+        assert login.returncode == expected, f"{role}: exit {login.returncode} {login.stderr[-300:]}"
+
+    # The server's S3 key: its new secret lists the bucket, its old one is refused.
+    for secret, expected in ((stack.env["S3_APP_SECRET_KEY"], "allowed"), (old["S3_APP_SECRET_KEY"], "refused")):
+        probe = stack.compose("exec", "-T", "mlflow", "python", "-c", S3_PROBE, secret).stdout.split()
+        assert probe[:1] == [expected], probe
+
+    # Serving logged in again with its new password and serves the alias holder.
+    alias = admin_client.get_model_version_by_alias(stack.env["MODEL_NAME"], stack.env["MODEL_ALIAS"]).version
+    stack.wait_served_version(alias, timeout=180)
