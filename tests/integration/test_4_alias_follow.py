@@ -45,6 +45,11 @@ class SteadyClient:
     def first_answer_from(self, version: str, after: float) -> float | None:
         return next((t for t, v in self.answers if v == version and t >= after), None)
 
+    def answers_after_last(self, version: str) -> int:
+        answers = list(self.answers)
+        last = max((i for i, (_, v) in enumerate(answers) if v == version), default=-1)
+        return len(answers) - last - 1
+
 
 def models_cli(stack: Stack, *args: str):
     """What `make promote`, `make rollback` and `make models` run."""
@@ -68,20 +73,18 @@ def versions(stack: Stack, trained, admin_client: MlflowClient):
         v2 = stack.train("--epochs", "1", "--batch-size", "32", "--promotion-policy", "never")
         assert v2["promoted"].startswith("no"), v2
         promoted = models_cli(stack, "promote", v2["version"])
-        moved_at = time.monotonic()  # the command has returned, so the alias has moved
         assert promoted.returncode == 0, promoted.stderr
         assert alias_version(admin_client, stack) == v2["version"]
-        # Generous bound for the wait itself; the 30 s promise is asserted by a test below.
         poll(f"a response from version {v2['version']} (answers so far: {len(client.answers)}, "
              f"failures: {client.failures[:2]})",
              lambda: client.first_answer_from(v2["version"], 0), timeout=180)
-        # Keep the client running a little past the switch, so in-flight overlap is covered.
-        poll("more answers after the switch",
-             lambda: sum(1 for t, _ in client.answers if t > moved_at) > 50, timeout=60)
+        # Keep the client running past the last worker's switch, so in-flight overlap is covered.
+        poll("50 answers after the last one from the old version",
+             lambda: client.answers_after_last(trained["version"]) > 50, timeout=120)
     finally:
         client.stop.set()
         thread.join(timeout=60)
-    return {"v1": trained["version"], "v2": v2["version"], "client": client, "moved_at": moved_at}
+    return {"v1": trained["version"], "v2": v2["version"], "client": client}
 
 
 def test_no_request_fails_while_the_alias_moves(versions):
@@ -92,14 +95,15 @@ def test_no_request_fails_while_the_alias_moves(versions):
     assert {versions["v1"], versions["v2"]} <= served
 
 
-def test_new_version_answers_within_30_seconds_of_the_alias_move(versions):
+def test_once_switched_serving_never_answers_with_the_old_version_again(versions):
+    """Each worker switches on its own poll, so the two versions interleave for a moment;
+    after that, only the new one answers. How long the switch takes is a benchmark's figure
+    (bench/alias_switch_bench.py), not a test's."""
     client: SteadyClient = versions["client"]
-    first = client.first_answer_from(versions["v2"], 0)
-    # The alias moved before the promote command returned; `moved_at` is an upper bound.
-    assert first is not None and first - versions["moved_at"] <= 30
-    # Each worker switches on its own poll; soon after the first, the old version is gone.
-    last_old = max((t for t, v in client.answers if v == versions["v1"]), default=0)
-    assert last_old <= first + 15
+    answers = list(client.answers)
+    last_old = max(i for i, (_, v) in enumerate(answers) if v == versions["v1"])
+    after = [v for _, v in answers[last_old + 1:]]
+    assert len(after) > 50 and set(after) == {versions["v2"]}, after[:20]
 
 
 def test_broken_version_is_not_switched_to_and_rollback_restores(stack: Stack, versions, admin_client):
