@@ -1,9 +1,10 @@
 """Faults while people work: Postgres, the tracking server and S3 go away under a running
 trainer, and serving restarts under a steady client.
 
-Nothing is lost (metric rows are counted in Postgres against what the trainer printed),
-no run is left RUNNING, and the requests that fail are confined to serving's restart
-window, counted and reported. Every fault is aimed at the containers of the stack the tests started.
+Training goes on while each service is down (progress lines keep coming), nothing is lost
+(each printed step's metric rows are counted in Postgres), no run is left RUNNING, a model
+uploaded while S3 was away loads, and the requests that fail are confined to serving's
+restart window, counted and reported. Every fault is aimed at the containers of the stack the tests started.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ TRAIN_ARGS = ("--data-dir", FAULT_DATA, "--no-download", "--epochs", "10", "--ba
               "--log-every", "5", "--promotion-policy", "never")
 PROGRESS = re.compile(r"^epoch \d+/\d+  step \d+/\d+  global (\d+)  loss")
 EVALUATION = re.compile(r"^epoch \d+/\d+  eval_loss")
+TRAINED = re.compile(r"^trained \d+ images in ")
 TRAIN_KEYS = ("train_loss", "train_accuracy", "train_images_per_sec", "lr")
 EVAL_KEYS = ("eval_loss", "eval_accuracy", "epoch", "epoch_seconds")
 REPORT = ROOT / "tests/artifacts/fault-report.json"
@@ -166,16 +168,43 @@ def assert_finished_with_every_metric(stack: Stack, admin_client: MlflowClient, 
     return Counter({key: sum(steps.values()) for key, steps in stored.items()})
 
 
-def test_postgres_restart_while_the_trainer_logs_loses_no_metric(stack: Stack, training, admin_client):
+def training_goes_on(job: TrainingJob, while_what: str, steps: int = 3) -> int:
+    """Waits until the trainer prints `steps` more progress lines; returns how many it printed.
+    Called while a service is down: the outage does not stop training."""
+    before = len(job.printed_steps())
+    poll(f"training to go on while {while_what}", lambda: len(job.printed_steps()) >= before + steps, timeout=180)
+    return len(job.printed_steps()) - before
+
+
+def registered_version(job: TrainingJob, admin_client: MlflowClient, stack: Stack, run_id: str) -> str:
+    version = re.search(r"^version: (\d+)$", "\n".join(job.stdout_lines), re.M)
+    assert version, job.output[-2000:]
+    assert admin_client.get_model_version(stack.env["MODEL_NAME"], version.group(1)).run_id == run_id
+    return version.group(1)
+
+
+LOAD_AND_PREDICT = """
+import sys
+import numpy as np
+import mlflow
+model = mlflow.pyfunc.load_model(sys.argv[1])
+print(model.predict(np.zeros((2, 1, 28, 28), dtype=np.float32)).shape)
+"""
+
+
+def test_postgres_down_mid_run_training_goes_on_and_no_metric_is_lost(stack: Stack, training, admin_client):
     job = training()
     run_id = job.run_id()
     first_metrics_stored(stack, run_id)
     before = metric_rows(stack, run_id)["train_loss"]
-    stack.compose("restart", "postgres")
-    assert job.running(), "the run ended before Postgres restarted: the fault missed it"
+    stack.compose("stop", "postgres")
+    steps_during = training_goes_on(job, "Postgres is down")
+    assert job.running(), "the run ended while Postgres was down: the fault missed it"
+    stack.compose("start", "postgres")
     rows = assert_finished_with_every_metric(stack, admin_client, job, run_id)
     assert rows["train_loss"] > before, "nothing was logged after the restart"
-    report("postgres_restart", {"train_loss_rows_before_restart": before, "rows_after": dict(rows)})
+    report("postgres_down", {"train_loss_rows_before": before, "progress_lines_while_down": steps_during,
+                             "rows_after": dict(rows)})
 
 
 def test_tracking_server_killed_mid_run_is_waited_for_and_the_run_finishes(stack: Stack, training, admin_client):
@@ -184,33 +213,52 @@ def test_tracking_server_killed_mid_run_is_waited_for_and_the_run_finishes(stack
     first_metrics_stored(stack, run_id)
     stack.compose("kill", "mlflow")
     killed_at = time.monotonic()
+    steps_during = training_goes_on(job, "the tracking server is down")
     waiting = poll("the trainer to say it waits for the tracking server", lambda: job.said("retrying in"), timeout=240)
     noticed_after = time.monotonic() - killed_at
     assert "tracking server not answering while" in waiting, waiting
     stack.compose("start", "mlflow")
     rows = assert_finished_with_every_metric(stack, admin_client, job, run_id)
-    version = re.search(r"^version: (\d+)$", job.output, re.M)
-    assert version, job.output[-2000:]
-    assert admin_client.get_model_version(stack.env["MODEL_NAME"], version.group(1)).run_id == run_id
+    registered_version(job, admin_client, stack, run_id)
     report("tracking_server_killed", {"trainer_said": waiting[:200], "retry_said_after_kill_s": round(noticed_after, 1),
+                                      "progress_lines_while_down": steps_during,
                                       "kill_to_trainer_exit_s": round(time.monotonic() - killed_at, 1),
                                       "metric_rows": dict(rows)})
 
 
-def test_s3_restart_mid_run_the_upload_is_retried(stack: Stack, training, admin_client):
+def test_s3_down_mid_run_training_goes_on_and_the_upload_is_retried(stack: Stack, training, admin_client):
     job = training()
     run_id = job.run_id()
     first_metrics_stored(stack, run_id)
     stack.compose("stop", "minio")
-    waiting = poll("the trainer to retry an artifact upload",
-                   lambda: job.said("retrying in"), timeout=240)
+    steps_during = training_goes_on(job, "S3 is down")
+    waiting = poll("the trainer to retry an artifact upload", lambda: job.said("retrying in"), timeout=240)
     stack.compose("start", "minio")
     assert_finished_with_every_metric(stack, admin_client, job, run_id)
     checkpoints = admin_client.list_artifacts(run_id, "checkpoints")
     assert len(checkpoints) == 10, [c.path for c in checkpoints]
     assert admin_client.search_logged_models(experiment_ids=[admin_client.get_run(run_id).info.experiment_id],
                                              filter_string=f"source_run_id = '{run_id}'")
-    report("s3_restart", {"trainer_said": waiting[:200], "checkpoints": len(checkpoints)})
+    report("s3_down_mid_run", {"trainer_said": waiting[:200], "progress_lines_while_down": steps_during,
+                               "checkpoints": len(checkpoints)})
+
+
+def test_s3_down_as_training_ends_the_final_uploads_wait_and_the_model_loads(stack: Stack, training, admin_client):
+    """S3 goes away the moment the last epoch is done, while the last checkpoint, the
+    evaluation report and the model are still to be uploaded."""
+    job = training()
+    run_id = job.run_id()
+    poll("the end of training", lambda: any(TRAINED.match(line) for line in list(job.stdout_lines)), timeout=600)
+    stack.compose("kill", "minio")
+    waiting = poll("the trainer to retry a final upload", lambda: job.said("retrying in"), timeout=240)
+    stack.compose("start", "minio")
+    assert_finished_with_every_metric(stack, admin_client, job, run_id)
+    version = registered_version(job, admin_client, stack, run_id)
+    uri = f"models:/{stack.env['MODEL_NAME']}/{version}"
+    loaded = stack.compose("run", "--rm", "--no-deps", "-T", "--entrypoint", "python", "trainer",
+                           "-c", LOAD_AND_PREDICT, uri)
+    assert loaded.stdout.split()[-2:] == ["(2,", "10)"], loaded.stdout[-2000:]
+    report("s3_down_at_the_end", {"trainer_said": waiting[:200], "version": version})
 
 
 @dataclass
