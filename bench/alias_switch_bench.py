@@ -21,10 +21,8 @@ Results: bench/results/alias_switch.json and .md.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import os
 import random
 import re
 import shutil
@@ -152,20 +150,14 @@ def markdown(report) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.arguments(__doc__, cpus=True)
     parser.add_argument("--switches", type=int, default=5, help="alias moves per poll setting (default 5)")
-    parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--concurrency", type=int, default=10, help="connections of the load client (default 10)")
     parser.add_argument("--workers", type=int, default=2, help="SERVING_WORKERS (default 2, the container's)")
-    parser.add_argument("--server-cpus")
-    parser.add_argument("--client-cpus")
-    parser.add_argument("--quiet-threshold", type=float, default=0.15)
-    parser.add_argument("--quiet-patience", type=float, default=60)
-    parser.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
     args = parser.parse_args()
 
     info = common.machine()
-    server_cpus, client_cpus = common.cpu_sets(os.cpu_count() or 1)
-    server_cpus, client_cpus = args.server_cpus or server_cpus, args.client_cpus or client_cpus
+    server_cpus, client_cpus = common.chosen_cpus(args)
     workdir = Path(tempfile.mkdtemp(prefix="switch-bench-"))
     servers = {}
     names = {poll: f"{common.MODEL_NAME}-poll{poll:g}" for poll in POLLS}
