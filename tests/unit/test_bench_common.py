@@ -99,3 +99,29 @@ def test_write_results_writes_json_and_markdown_whole(tmp_path, capsys):
     assert (tmp_path / "demo.md").read_text() == "# Demo\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["demo.json", "demo.md"]
     assert "# Demo" in capsys.readouterr().out
+
+
+def _training_run(images_per_sec: float) -> dict:
+    return {"images_per_sec": images_per_sec, "eval_accuracy": 0.8, "other_cpu_share": 0.1}
+
+
+def test_trainer_bench_compares_round_by_round_never_the_best_runs():
+    from bench import trainer_bench
+
+    # Round 2 was slow for everything (a busy neighbour). The best runs would give
+    # 1800 / 1100 = 1.64x; round by round the trainer is 1.8x, 1.5x and 1.7x the quickstart.
+    samples = {
+        "quickstart": [_training_run(1000), _training_run(600), _training_run(1100)],
+        "trainer": [_training_run(1800), _training_run(900), _training_run(1870)],
+        "untracked": [_training_run(1836), _training_run(918), _training_run(1889)],
+        "bound": [_training_run(1900), _training_run(1000), _training_run(2000)],
+    }
+    recipe = {"images_per_sec": 3000.0, "epoch_seconds": [20.0, 21.0], "eval_accuracy": 0.85}
+    report = trainer_bench.summarise(samples, recipe, {}, {})
+    figures = report["figures"]
+    assert figures["ratios"]["trainer_to_quickstart"] == {"median": 1.7, "range": [1.5, 1.8],
+                                                          "by_round": [1.8, 1.5, 1.7]}
+    assert figures["speedup"] == 1.7
+    assert figures["images_per_sec"]["trainer"] == {"median": 1800, "range": [900, 1870]}
+    assert figures["logging_overhead"] == {"median": 0.02, "range": [0.01, 0.02]}
+    assert report["targets_met"] == {"speedup": True, "efficiency": True, "logging_overhead": True}
