@@ -104,11 +104,10 @@ def prepared_times(log_text: str) -> list[float]:
 
 
 def markdown(report) -> str:
-    f, s, m = report["figures"], report["settings"], report["machine"]
+    f, s = report["figures"], report["settings"]
     met = report["targets_met"]
     lines = [
-        "# Alias switch benchmark", "",
-        f"{report['date']}. {common.machine_markdown(m)}", "",
+        *common.heading("Alias switch benchmark", report),
         f"Our serving (`python -m serving`, {s['workers']} workers, otherwise its defaults) on a local "
         f"SQLite registry with two versions of the trainer's exported SmallCNN, pinned to CPUs "
         f"{s['server_cpus']}; a client keeps {s['concurrency']} keep-alive connections busy with 1-image "
@@ -150,9 +149,8 @@ def markdown(report) -> str:
 
 
 def main():
-    parser = common.arguments(__doc__, cpus=True)
+    parser = common.arguments(__doc__, concurrency=10, cpus=True)
     parser.add_argument("--switches", type=int, default=5, help="alias moves per poll setting (default 5)")
-    parser.add_argument("--concurrency", type=int, default=10, help="connections of the load client (default 10)")
     parser.add_argument("--workers", type=int, default=2, help="SERVING_WORKERS (default 2, the container's)")
     args = parser.parse_args()
 

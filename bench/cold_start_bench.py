@@ -285,11 +285,10 @@ def services_table(f) -> list[str]:
 
 
 def markdown(report) -> str:
-    f, s, m = report["figures"], report["settings"], report["machine"]
+    f, s = report["figures"], report["settings"]
     met = report["targets_met"]
     lines = [
-        "# Cold start benchmark", "",
-        f"{report['date']}. {common.machine_markdown(m)}", "",
+        *common.heading("Cold start benchmark", report),
         f"A private compose project ({'offline stand-ins, compose.offline.yaml' if s['offline'] else 'upstream images'}), "
         f"env file from `scripts/env.sh`, images already built: the times exclude `make build` (a no-op when "
         f"nothing changed; `docker compose up` is run with `--no-build --pull never`). {s['rounds']} rounds, fresh and "

@@ -37,7 +37,8 @@ VENV_BIN = Path(sys.executable).parent
 
 def arguments(doc: str, *, rounds: int | None = None, rounds_help: str = "rounds, the variants taking turns",
               seconds: float | None = None, seconds_help: str = "seconds per phase",
-              quiet_threshold: float = 0.15, quiet_patience: float = 60, cpus: bool = False) -> argparse.ArgumentParser:
+              concurrency: int | None = None, quiet_threshold: float = 0.15, quiet_patience: float = 60,
+              cpus: bool = False) -> argparse.ArgumentParser:
     """The flags every benchmark shares, with its own defaults; the benchmark adds the rest.
     The description is the first paragraph of its docstring."""
     parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
@@ -45,6 +46,9 @@ def arguments(doc: str, *, rounds: int | None = None, rounds_help: str = "rounds
         parser.add_argument("--rounds", type=int, default=rounds, help=f"{rounds_help} (default {rounds})")
     if seconds is not None:
         parser.add_argument("--seconds", type=float, default=seconds, help=f"{seconds_help} (default {seconds:g})")
+    if concurrency is not None:
+        parser.add_argument("--concurrency", type=int, default=concurrency,
+                            help=f"connections of the load client (default {concurrency})")
     if cpus:
         parser.add_argument("--server-cpus", help="CPU list for the servers, e.g. 0,1 (default: see common.cpu_sets)")
         parser.add_argument("--client-cpus", help="CPU list for the load client (default: see common.cpu_sets)")
@@ -373,6 +377,11 @@ def fmt_ratio(summary: dict, spec: str = ".2f") -> str:
         return "n/a"
     low, high = summary["range"]
     return f"{summary['median']:{spec}}x ({low:{spec}} to {high:{spec}})"
+
+
+def heading(title: str, report: dict) -> list[str]:
+    """A result file's first lines: its title, then when it ran and on what machine."""
+    return [f"# {title}", "", f"{report['date']}. {machine_markdown(report['machine'])}", ""]
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], align: str = "") -> list[str]:

@@ -74,10 +74,9 @@ def figures(samples: dict[str, list[dict]]) -> dict:
 
 
 def markdown(report: dict) -> str:
-    s, m, f = report["settings"], report["machine"], report["figures"]
+    s, f = report["settings"], report["figures"]
     lines = [
-        "# Serving's direct path", "",
-        f"{report['date']}. {common.machine_markdown(m)}", "",
+        *common.heading("Serving's direct path", report),
         f"`python -m serving` three times on the same model (the trainer's SmallCNN export), each with "
         f"its defaults of {s['workers']} workers x {s['torch_threads']} torch thread, pinned to CPUs "
         f"{s['server_cpus']} (the load client on {s['client_cpus']}); only the body path differs. One image per "
@@ -99,8 +98,7 @@ def markdown(report: dict) -> str:
 
 
 def main() -> int:
-    parser = common.arguments(__doc__, rounds=5, seconds=8, cpus=True)
-    parser.add_argument("--concurrency", type=int, default=10, help="connections of the load client (default 10)")
+    parser = common.arguments(__doc__, rounds=5, seconds=8, concurrency=10, cpus=True)
     args = parser.parse_args()
 
     info = common.machine()

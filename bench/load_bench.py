@@ -147,13 +147,12 @@ def errors(summary: dict) -> int:
 
 
 def markdown(report: dict) -> str:
-    s, m = report["settings"], report["machine"]
+    s = report["settings"]
     target = (f"`{s['url']}` (a running stack)" if s["url"] else
               f"a private compose project ({'offline stand-in images' if s['offline'] else 'upstream images'}), "
               f"{s['serving_workers']} serving workers (the default), model trained for 1 epoch on generated data")
     lines = [
-        "# Serving under load", "",
-        f"{report['date']}. {common.machine_markdown(m)}", "",
+        *common.heading("Serving under load", report),
         f"One-image `POST /invocations` requests (MLflow's `{{\"inputs\": ...}}` JSON, {s['distinct_bodies']} different "
         f"generated images, about {s['body_bytes']:,} bytes each) against {target}, on loopback from this machine: "
         f"the client shares the CPUs with the stack. Closed loop: each client sends its next request when the last "

@@ -108,8 +108,7 @@ def markdown(report) -> str:
                 f"{fmt(a['p99_ms'], '.1f')} | {fmt(a['server_cpu_us_per_request'], ',.0f')} | {a['failed']} |")
 
     lines = [
-        "# Serving benchmark", "",
-        f"{report['date']}. {common.machine_markdown(m)}", "",
+        *common.heading("Serving benchmark", report),
         f"The trainer's exported SmallCNN (TorchScript in the models-from-code pyfunc), both servers "
         f"run locally from the same Python environment and pinned to CPUs {s['server_cpus']}; the "
         f"load client (raw asyncio HTTP/1.1, keep-alive) on CPUs {s['client_cpus']}. Closed loop, "
@@ -162,9 +161,8 @@ def markdown(report) -> str:
 
 def main():
     parser = common.arguments(__doc__, rounds=3, seconds=10, seconds_help="seconds per concurrency-10 phase",
-                              quiet_patience=120, cpus=True)
+                              concurrency=10, quiet_patience=120, cpus=True)
     parser.add_argument("--single-seconds", type=float, default=4, help="seconds per concurrency-1 phase (default 4)")
-    parser.add_argument("--concurrency", type=int, default=10, help="connections of the load client (default 10)")
     parser.add_argument("--batch-images", type=int, default=256, help="images per request, second size (default 256)")
     parser.add_argument("--max-requests", type=int, default=100_000, help="cap per phase")
     args = parser.parse_args()

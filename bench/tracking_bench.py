@@ -158,10 +158,9 @@ def make_requests(port: int, runs: list[str], auth: str | None):
 
 
 def markdown(report) -> str:
-    f, s, m = report["figures"], report["settings"], report["machine"]
+    f, s = report["figures"], report["settings"]
     lines = [
-        "# Tracking server benchmark", "",
-        f"{report['date']}. {common.machine_markdown(m)}", "",
+        *common.heading("Tracking server benchmark", report),
         f"`runs/log-batch` with {METRICS_PER_REQUEST} metrics per call, {s['clients']} concurrent clients "
         f"(keep-alive connections, one run each), {s['seconds']:g} s per phase, {s['rounds']} rounds with the "
         f"servers taking turns; medians over rounds (range in brackets), ratios the median of the per-round "

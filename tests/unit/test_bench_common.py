@@ -125,3 +125,34 @@ def test_trainer_bench_compares_round_by_round_never_the_best_runs():
     assert figures["images_per_sec"]["trainer"] == {"median": 1800, "range": [900, 1870]}
     assert figures["logging_overhead"] == {"median": 0.02, "range": [0.01, 0.02]}
     assert report["targets_met"] == {"speedup": True, "efficiency": True, "logging_overhead": True}
+
+
+@pytest.mark.parametrize("name", ["alias_switch", "cold_start", "direct_path", "load", "serving", "tracking"])
+def test_each_results_table_is_what_its_benchmark_makes_of_its_samples(name):
+    """A table in bench/results is never edited by hand: rendering its JSON gives it back."""
+    import importlib
+    import json
+
+    module = importlib.import_module(f"bench.{name}_bench")
+    report = json.loads((common.RESULTS_DIR / f"{name}.json").read_text())
+    assert module.markdown(report) == (common.RESULTS_DIR / f"{name}.md").read_text()
+
+
+def test_stored_comparisons_are_what_the_samples_give():
+    """The figures in the compared benchmarks' JSON are recomputed from their own samples."""
+    import json
+
+    from bench import direct_path_bench, serving_bench, tracking_bench
+
+    def stored(name: str) -> dict:
+        return json.loads((common.RESULTS_DIR / f"{name}.json").read_text())
+
+    direct = stored("direct_path")
+    assert direct_path_bench.figures(direct["samples"]) == direct["figures"]
+    serving = stored("serving")
+    again = serving_bench.summarise(serving["samples"], serving["figures"]["floor"], serving["machine"])
+    assert (again["figures"], again["targets_met"]) == (serving["figures"], serving["targets_met"])
+    tracking = stored("tracking")
+    counts = {v: tracking["figures"][v]["rows_stored"] for v in tracking_bench.VARIANTS}
+    figures = tracking_bench.figures_of(tracking["samples"], counts)
+    assert figures.items() <= tracking["figures"].items()
