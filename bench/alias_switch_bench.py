@@ -21,10 +21,8 @@ Results: bench/results/alias_switch.json and .md.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
-import os
 import random
 import re
 import shutil
@@ -106,11 +104,10 @@ def prepared_times(log_text: str) -> list[float]:
 
 
 def markdown(report) -> str:
-    f, s, m = report["figures"], report["settings"], report["machine"]
+    f, s = report["figures"], report["settings"]
     met = report["targets_met"]
     lines = [
-        "# Alias switch benchmark", "",
-        f"{report['date']}. {common.machine_markdown(m)}", "",
+        *common.heading("Alias switch benchmark", report),
         f"Our serving (`python -m serving`, {s['workers']} workers, otherwise its defaults) on a local "
         f"SQLite registry with two versions of the trainer's exported SmallCNN, pinned to CPUs "
         f"{s['server_cpus']}; a client keeps {s['concurrency']} keep-alive connections busy with 1-image "
@@ -152,20 +149,13 @@ def markdown(report) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.arguments(__doc__, concurrency=10, cpus=True)
     parser.add_argument("--switches", type=int, default=5, help="alias moves per poll setting (default 5)")
-    parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--workers", type=int, default=2, help="SERVING_WORKERS (default 2, the container's)")
-    parser.add_argument("--server-cpus")
-    parser.add_argument("--client-cpus")
-    parser.add_argument("--quiet-threshold", type=float, default=0.15)
-    parser.add_argument("--quiet-patience", type=float, default=60)
-    parser.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
     args = parser.parse_args()
 
     info = common.machine()
-    server_cpus, client_cpus = common.cpu_sets(os.cpu_count() or 1)
-    server_cpus, client_cpus = args.server_cpus or server_cpus, args.client_cpus or client_cpus
+    server_cpus, client_cpus = common.chosen_cpus(args)
     workdir = Path(tempfile.mkdtemp(prefix="switch-bench-"))
     servers = {}
     names = {poll: f"{common.MODEL_NAME}-poll{poll:g}" for poll in POLLS}

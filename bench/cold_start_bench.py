@@ -23,13 +23,11 @@ at the end. Results: bench/results/cold_start.json and .md.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import secrets
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -287,11 +285,10 @@ def services_table(f) -> list[str]:
 
 
 def markdown(report) -> str:
-    f, s, m = report["figures"], report["settings"], report["machine"]
+    f, s = report["figures"], report["settings"]
     met = report["targets_met"]
     lines = [
-        "# Cold start benchmark", "",
-        f"{report['date']}. {common.machine_markdown(m)}", "",
+        *common.heading("Cold start benchmark", report),
         f"A private compose project ({'offline stand-ins, compose.offline.yaml' if s['offline'] else 'upstream images'}), "
         f"env file from `scripts/env.sh`, images already built: the times exclude `make build` (a no-op when "
         f"nothing changed; `docker compose up` is run with `--no-build --pull never`). {s['rounds']} rounds, fresh and "
@@ -337,11 +334,7 @@ def markdown(report) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=2, help="fresh + restart rounds (default 2)")
-    parser.add_argument("--quiet-threshold", type=float, default=0.15)
-    parser.add_argument("--quiet-patience", type=float, default=120)
-    parser.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
+    parser = common.arguments(__doc__, rounds=2, rounds_help="fresh + restart rounds", quiet_patience=120)
     args = parser.parse_args()
 
     if subprocess.run(["docker", "compose", "version"], capture_output=True).returncode != 0:
@@ -361,7 +354,7 @@ def main():
     info = common.machine(docker=True)
     project = Project(name, env_file, offline)
     port = int(env["SERVING_PORT"])
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    common.exit_on_signals()  # so that the project is removed with its volumes
     steps = {"fresh_up": [], "down": [], "restart_up": [], "restart_to_prediction": [], "training": []}
     poller = None
     idle = {}

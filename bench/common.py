@@ -1,6 +1,6 @@
-"""What the serving, alias-switch, tracking and cold-start benchmarks share: the machine
-description, CPU accounting on a shared machine, percentiles, result files, and a small
-HTTP/1.1 load client.
+"""What the benchmarks share: the command line, the machine description, CPU accounting on
+a shared machine, rounds that take turns, per-round ratios, result files and their tables,
+and a small HTTP/1.1 load client.
 
 The load client speaks HTTP over raw asyncio streams (uvloop when installed) with
 keep-alive connections and pre-built request bytes. A general-purpose client such as
@@ -11,14 +11,17 @@ same client, so whatever it costs is the same on both sides.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -27,6 +30,53 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "bench" / "results"
 VENV_BIN = Path(sys.executable).parent
+
+
+# --- the command line ------------------------------------------------------------------
+
+
+def arguments(doc: str, *, rounds: int | None = None, rounds_help: str = "rounds, the variants taking turns",
+              seconds: float | None = None, seconds_help: str = "seconds per phase",
+              concurrency: int | None = None, quiet_threshold: float = 0.15, quiet_patience: float = 60,
+              cpus: bool = False) -> argparse.ArgumentParser:
+    """The flags every benchmark shares, with its own defaults; the benchmark adds the rest.
+    The description is the first paragraph of its docstring."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    if rounds is not None:
+        parser.add_argument("--rounds", type=int, default=rounds, help=f"{rounds_help} (default {rounds})")
+    if seconds is not None:
+        parser.add_argument("--seconds", type=float, default=seconds, help=f"{seconds_help} (default {seconds:g})")
+    if concurrency is not None:
+        parser.add_argument("--concurrency", type=int, default=concurrency,
+                            help=f"connections of the load client (default {concurrency})")
+    if cpus:
+        parser.add_argument("--server-cpus", help="CPU list for the servers, e.g. 0,1 (default: see common.cpu_sets)")
+        parser.add_argument("--client-cpus", help="CPU list for the load client (default: see common.cpu_sets)")
+    parser.add_argument("--quiet-threshold", type=float, default=quiet_threshold,
+                        help=f"before each round, wait until the machine is less busy than this share of its CPUs "
+                             f"(default {quiet_threshold:g})")
+    parser.add_argument("--quiet-patience", type=float, default=quiet_patience,
+                        help=f"seconds to wait for that at most (default {quiet_patience:g})")
+    parser.add_argument("--out-dir", type=Path, default=RESULTS_DIR,
+                        help="where NAME.json and NAME.md are written (default bench/results)")
+    return parser
+
+
+def chosen_cpus(args: argparse.Namespace) -> tuple[str, str]:
+    """(server CPUs, client CPUs): the flags where given, else cpu_sets for this machine."""
+    server, client = cpu_sets(os.cpu_count() or 1)
+    return getattr(args, "server_cpus", None) or server, getattr(args, "client_cpus", None) or client
+
+
+def exit_on_signals(*signals: signal.Signals) -> None:
+    """Turn these signals into SystemExit, so that a benchmark stopped by them still runs its
+    clean-up (servers stopped, containers and temporary files removed)."""
+    def stop(signum: int, frame: object) -> None:
+        log(f"stopped by {signal.Signals(signum).name}")
+        raise SystemExit(128 + signum)
+
+    for one in signals or (signal.SIGTERM,):
+        signal.signal(one, stop)
 
 
 def log(message: str) -> None:
@@ -280,6 +330,69 @@ def latency_ms(latencies_s) -> dict:
 
 def median(values):
     return percentile(values, 50)
+
+
+# --- rounds and per-round ratios ----------------------------------------------------------
+
+
+def rounds(count: int, variants: Sequence[str], quiet_threshold: float, quiet_patience: float
+           ) -> Iterator[tuple[int, list[str]]]:
+    """(round index, the variants in this round's order) for each round, after a bounded
+    wait for a quiet machine. The order rotates, so that no variant always runs first or
+    last while other work on the machine comes and goes."""
+    names = list(variants)
+    for r in range(count):
+        share = wait_until_quiet(quiet_threshold, quiet_patience)
+        log(f"round {r + 1}/{count} (machine {share:.0%} busy before it)")
+        shift = r % len(names)
+        yield r, names[shift:] + names[:shift]
+
+
+def ratio_summary(values: Sequence[float], digits: int = 3) -> dict:
+    """The median of per-round ratios, their range and each round's value. Only the two
+    sides of one round ran back to back on about the same machine, so ratios are taken
+    within a round, never between figures pooled over rounds, and never a best of N."""
+    if not values:
+        return {"median": None, "range": [None, None], "by_round": []}
+    return {"median": round(median(values), digits), "range": [round(min(values), digits), round(max(values), digits)],
+            "by_round": [round(v, digits) for v in values]}
+
+
+def per_round_ratios(runs: Sequence[dict], baseline: Sequence[dict], value: Callable[[dict], float | None]) -> dict:
+    """ratio_summary of value(run) / value(baseline run) for the runs of each round; rounds
+    where either side has no value (nothing answered) are left out."""
+    if len(runs) != len(baseline):
+        raise ValueError(f"{len(runs)} runs against {len(baseline)} baseline runs: rounds must pair up")
+    ratios = []
+    for run, base in zip(runs, baseline, strict=True):
+        a, b = value(run), value(base)
+        if a is not None and b:
+            ratios.append(a / b)
+    return ratio_summary(ratios)
+
+
+def fmt_ratio(summary: dict, spec: str = ".2f") -> str:
+    """`1.23x (1.01 to 1.40)`: the median of the per-round ratios, the range in brackets."""
+    if summary["median"] is None:
+        return "n/a"
+    low, high = summary["range"]
+    return f"{summary['median']:{spec}}x ({low:{spec}} to {high:{spec}})"
+
+
+def heading(title: str, report: dict) -> list[str]:
+    """A result file's first lines: its title, then when it ran and on what machine."""
+    return [f"# {title}", "", f"{report['date']}. {machine_markdown(report['machine'])}", ""]
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]], align: str = "") -> list[str]:
+    """A markdown table as lines; `align` holds one letter a column, l or r (default: the
+    first column left, the others right)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    if len(align) != len(header) or any(len(row) != len(header) for row in rows):
+        raise ValueError("every row and the alignment need one entry per column")
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines
 
 
 # --- results ---------------------------------------------------------------------------

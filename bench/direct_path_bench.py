@@ -18,14 +18,12 @@ bench/results/direct_path.json and .md.
 
 from __future__ import annotations
 
-import argparse
-import os
 import shutil
 import tempfile
 from pathlib import Path
 
 from bench import common
-from bench.common import fmt, log
+from bench.common import fmt, fmt_ratio, log
 
 VARIANTS = {
     "direct+batch": {"SERVING_DIRECT_PATH": "true"},
@@ -57,11 +55,6 @@ def phase(name: str, pid: int, port: int, requests: list[bytes], concurrency: in
     return summary
 
 
-def ratio_summary(values: list[float]) -> dict:
-    return {"median": round(common.median(values), 3), "range": [round(min(values), 3), round(max(values), 3)],
-            "by_round": [round(v, 3) for v in values]}
-
-
 def figures(samples: dict[str, list[dict]]) -> dict:
     out = {}
     base = samples[BASELINE]
@@ -73,38 +66,30 @@ def figures(samples: dict[str, list[dict]]) -> dict:
             "p99_ms": common.median([r["latency_ms"]["p99"] for r in runs]),
             "server_cpu_us_per_request": common.median([r["server_cpu_us_per_request"] for r in runs]),
             "failed": sum(r["failed"] for r in runs),
-            "rps_ratio": ratio_summary([a["requests_per_sec"] / b["requests_per_sec"] for a, b in zip(runs, base)]),
-            "p99_ratio": ratio_summary([a["latency_ms"]["p99"] / b["latency_ms"]["p99"] for a, b in zip(runs, base)]),
-            "cpu_ratio": ratio_summary([a["server_cpu_us_per_request"] / b["server_cpu_us_per_request"]
-                                        for a, b in zip(runs, base)]),
+            "rps_ratio": common.per_round_ratios(runs, base, lambda r: r["requests_per_sec"]),
+            "p99_ratio": common.per_round_ratios(runs, base, lambda r: r["latency_ms"]["p99"]),
+            "cpu_ratio": common.per_round_ratios(runs, base, lambda r: r["server_cpu_us_per_request"]),
         }
     return out
 
 
 def markdown(report: dict) -> str:
-    s, m, f = report["settings"], report["machine"], report["figures"]
-
-    def rng(r: dict, spec: str) -> str:
-        return f"{r['median']:{spec}}x ({r['range'][0]:{spec}} to {r['range'][1]:{spec}})"
-
+    s, f = report["settings"], report["figures"]
     lines = [
-        "# Serving's direct path", "",
-        f"{report['date']}. {common.machine_markdown(m)}", "",
+        *common.heading("Serving's direct path", report),
         f"`python -m serving` three times on the same model (the trainer's SmallCNN export), each with "
         f"its defaults of {s['workers']} workers x {s['torch_threads']} torch thread, pinned to CPUs "
         f"{s['server_cpus']} (the load client on {s['client_cpus']}); only the body path differs. One image per "
         f"request, {s['concurrency']} connections, closed loop, {s['seconds']:g} s per phase, {s['rounds']} rounds "
         f"with the servers taking turns. Ratios are to `{BASELINE}` in the same round: the median of the "
         f"per-round ratios, the range in brackets.", "",
-        "| variant | requests/s | p50 ms | p99 ms | server CPU µs/request | requests/s ratio | p99 ratio "
-        "| CPU/request ratio | failed |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for variant, a in f.items():
-        lines.append(f"| {variant} | {fmt(a['requests_per_sec'], ',.0f')} | {fmt(a['p50_ms'], '.1f')} | "
-                     f"{fmt(a['p99_ms'], '.1f')} | {fmt(a['server_cpu_us_per_request'], ',.0f')} | "
-                     f"{rng(a['rps_ratio'], '.2f')} | {rng(a['p99_ratio'], '.2f')} | {rng(a['cpu_ratio'], '.2f')} | "
-                     f"{a['failed']} |")
+    lines += common.markdown_table(
+        ["variant", "requests/s", "p50 ms", "p99 ms", "server CPU µs/request", "requests/s ratio", "p99 ratio",
+         "CPU/request ratio", "failed"],
+        [[variant, fmt(a["requests_per_sec"], ",.0f"), fmt(a["p50_ms"], ".1f"), fmt(a["p99_ms"], ".1f"),
+          fmt(a["server_cpu_us_per_request"], ",.0f"), fmt_ratio(a["rps_ratio"]), fmt_ratio(a["p99_ratio"]),
+          fmt_ratio(a["cpu_ratio"]), a["failed"]] for variant, a in f.items()])
     lines += ["", "Variants: " + "; ".join(f"`{k}` = {' '.join(f'{n}={v}' for n, v in e.items())}"
                                           for k, e in VARIANTS.items()) + ".",
               f"Other processes took a median {report['others_cpu_share_median']:.0%} of the CPUs during the phases "
@@ -113,17 +98,11 @@ def markdown(report: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--seconds", type=float, default=8, help="seconds per phase (default 8)")
-    parser.add_argument("--concurrency", type=int, default=10)
-    parser.add_argument("--quiet-threshold", type=float, default=0.15)
-    parser.add_argument("--quiet-patience", type=float, default=60)
-    parser.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
+    parser = common.arguments(__doc__, rounds=5, seconds=8, concurrency=10, cpus=True)
     args = parser.parse_args()
 
     info = common.machine()
-    server_cpus, client_cpus = common.cpu_sets(os.cpu_count() or 1)
+    server_cpus, client_cpus = common.chosen_cpus(args)
     workdir = Path(tempfile.mkdtemp(prefix="direct-path-bench-"))
     processes, ports = {}, {}
     samples: dict[str, list[dict]] = {v: [] for v in VARIANTS}
@@ -141,11 +120,7 @@ def main() -> int:
         log("warming up")
         for v in VARIANTS:
             common.run_async(common.drive("127.0.0.1", ports[v], requests[v], args.concurrency, 3, timeout_s=120))
-        names = list(VARIANTS)
-        for r in range(args.rounds):
-            share = common.wait_until_quiet(args.quiet_threshold, args.quiet_patience)
-            log(f"round {r + 1}/{args.rounds} (machine {share:.0%} busy before it)")
-            order = names[r % len(names):] + names[:r % len(names)]
+        for r, order in common.rounds(args.rounds, list(VARIANTS), args.quiet_threshold, args.quiet_patience):
             for v in order:
                 samples[v].append(phase(f"round {r + 1} {v}", processes[v].pid, ports[v], requests[v],
                                         args.concurrency, args.seconds))

@@ -24,10 +24,8 @@ the reference figures).
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -149,13 +147,12 @@ def errors(summary: dict) -> int:
 
 
 def markdown(report: dict) -> str:
-    s, m = report["settings"], report["machine"]
+    s = report["settings"]
     target = (f"`{s['url']}` (a running stack)" if s["url"] else
               f"a private compose project ({'offline stand-in images' if s['offline'] else 'upstream images'}), "
               f"{s['serving_workers']} serving workers (the default), model trained for 1 epoch on generated data")
     lines = [
-        "# Serving under load", "",
-        f"{report['date']}. {common.machine_markdown(m)}", "",
+        *common.heading("Serving under load", report),
         f"One-image `POST /invocations` requests (MLflow's `{{\"inputs\": ...}}` JSON, {s['distinct_bodies']} different "
         f"generated images, about {s['body_bytes']:,} bytes each) against {target}, on loopback from this machine: "
         f"the client shares the CPUs with the stack. Closed loop: each client sends its next request when the last "
@@ -192,15 +189,11 @@ def markdown(report: dict) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=20.0, help="load time per level (default 20)")
+    parser = common.arguments(__doc__, rounds=1, rounds_help="times every level is run", seconds=20,
+                              seconds_help="load time per level")
     parser.add_argument("--levels", default="1,10,50", help="concurrent clients per level (default 1,10,50)")
-    parser.add_argument("--rounds", type=int, default=1, help="times every level is run (default 1)")
     parser.add_argument("--url", help="measure this serving endpoint (e.g. http://127.0.0.1:5001) instead of "
                                       "bringing up a private stack")
-    parser.add_argument("--quiet-threshold", type=float, default=0.15)
-    parser.add_argument("--quiet-patience", type=float, default=60)
-    parser.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
     args = parser.parse_args()
     levels = [int(x) for x in args.levels.split(",") if x.strip()]
 
@@ -210,7 +203,7 @@ def main() -> int:
     images = common.sample_images(64)
     workdir = Path(tempfile.mkdtemp(prefix="load-bench-"))
     stack = None
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    common.exit_on_signals()  # so that the private stack is removed
     rows = []
     try:
         if args.url:

@@ -16,17 +16,16 @@ SmallCNN (TorchScript inside the models-from-code pyfunc) in a temporary SQLite 
 The load client keeps `--concurrency` connections busy (closed loop), sending MLflow's
 `{"inputs": ...}` JSON with 1 image or `--batch-images` images per request. The servers
 take turns (ours, mlflow, then mlflow, ours in the next round) phase by phase, because
-other work on the machine comes and goes; the median over rounds is reported, with the
-load average and the share of CPU that other processes took during each phase. A second,
+other work on the machine comes and goes; each comparison is the median of the per-round
+ratios (each pair back to back) with their range, reported with the load average and the
+share of CPU that other processes took during each phase. A second,
 shorter pass at concurrency 1 gives the latency with no queueing, which is what the
 overhead over the floor is computed from. Results: bench/results/serving.json and .md.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -34,7 +33,7 @@ import time
 from pathlib import Path
 
 from bench import common
-from bench.common import fmt, log
+from bench.common import fmt, fmt_ratio, log
 
 TARGETS = {"rps_ratio_1_image": 3.0, "p99_ratio_1_image": 0.5}
 VARIANTS = ("ours", "mlflow")
@@ -109,8 +108,7 @@ def markdown(report) -> str:
                 f"{fmt(a['p99_ms'], '.1f')} | {fmt(a['server_cpu_us_per_request'], ',.0f')} | {a['failed']} |")
 
     lines = [
-        "# Serving benchmark", "",
-        f"{report['date']}. {common.machine_markdown(m)}", "",
+        *common.heading("Serving benchmark", report),
         f"The trainer's exported SmallCNN (TorchScript in the models-from-code pyfunc), both servers "
         f"run locally from the same Python environment and pinned to CPUs {s['server_cpus']}; the "
         f"load client (raw asyncio HTTP/1.1, keep-alive) on CPUs {s['client_cpus']}. Closed loop, "
@@ -139,18 +137,21 @@ def markdown(report) -> str:
               f"MLflow's: {fmt(f['mlflow_overhead_ms']['1'], '.2f')} ms and "
               f"{fmt(f['mlflow_overhead_ms'][str(s['batch_images'])], '.1f')} ms.", "",
               "## Targets (1 image per request, concurrency 10)", "",
-              "| target | result | |", "|---|---:|---|",
-              f"| requests/s >= {TARGETS['rps_ratio_1_image']:g}x MLflow's | {f['rps_ratio']['1']:.2f}x | {ok('rps_ratio_1_image')} |",
-              f"| p99 <= {TARGETS['p99_ratio_1_image']:g}x MLflow's | {f['p99_ratio']['1']:.2f}x | {ok('p99_ratio_1_image')} |",
+              *common.markdown_table(["target", "result", ""], [
+                  [f"requests/s >= {TARGETS['rps_ratio_1_image']:g}x MLflow's", fmt_ratio(f["rps_ratio"]["1"]),
+                   ok("rps_ratio_1_image")],
+                  [f"p99 <= {TARGETS['p99_ratio_1_image']:g}x MLflow's", fmt_ratio(f["p99_ratio"]["1"]),
+                   ok("p99_ratio_1_image")]], align="lrl"),
               "",
-              "Ratios of medians. Round by round (each pair back to back): requests/s "
-              + ", ".join(f"{x:.2f}x" for x in f["rps_ratio_by_round"]["1"]) + "; p99 "
-              + ", ".join(f"{x:.2f}x" for x in f["p99_ratio_by_round"]["1"])
-              + f". Server CPU per request: MLflow's is {f['cpu_ratio']['1']:.1f}x ours; requests/s can "
-              "only follow that ratio as far as the CPU each server gets on a machine shared with other work.",
+              "Each ratio is the median of the per-round ratios (each pair ran back to back), the range in "
+              "brackets. Round by round: requests/s "
+              + ", ".join(f"{x:.2f}x" for x in f["rps_ratio"]["1"]["by_round"]) + "; p99 "
+              + ", ".join(f"{x:.2f}x" for x in f["p99_ratio"]["1"]["by_round"])
+              + f". Server CPU per request: MLflow's is {fmt_ratio(f['cpu_ratio']['1'], '.1f')} ours; requests/s "
+              "can only follow that ratio as far as the CPU each server gets on a machine shared with other work.",
               "",
-              f"With {s['batch_images']} images per request: {f['rps_ratio'][str(s['batch_images'])]:.2f}x the "
-              f"requests/s, {f['p99_ratio'][str(s['batch_images'])]:.2f}x the p99.", "",
+              f"With {s['batch_images']} images per request: {fmt_ratio(f['rps_ratio'][str(s['batch_images'])])} "
+              f"the requests/s, {fmt_ratio(f['p99_ratio'][str(s['batch_images'])])} the p99.", "",
               "## How quiet the machine was", "",
               f"Load average (1 min) during the phases: {f['load_1min_range'][0]:.1f} to {f['load_1min_range'][1]:.1f} "
               f"on {m['cores']} cores; other processes took up to {f['max_others_cpu_share']:.0%} of all CPUs during a "
@@ -159,24 +160,15 @@ def markdown(report) -> str:
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3, help="rounds, the servers taking turns (default 3)")
-    parser.add_argument("--seconds", type=float, default=10, help="seconds per concurrency-10 phase (default 10)")
+    parser = common.arguments(__doc__, rounds=3, seconds=10, seconds_help="seconds per concurrency-10 phase",
+                              concurrency=10, quiet_patience=120, cpus=True)
     parser.add_argument("--single-seconds", type=float, default=4, help="seconds per concurrency-1 phase (default 4)")
-    parser.add_argument("--concurrency", type=int, default=10)
-    parser.add_argument("--batch-images", type=int, default=256)
+    parser.add_argument("--batch-images", type=int, default=256, help="images per request, second size (default 256)")
     parser.add_argument("--max-requests", type=int, default=100_000, help="cap per phase")
-    parser.add_argument("--server-cpus", help="CPU list for both servers (default: see common.cpu_sets)")
-    parser.add_argument("--client-cpus", help="CPU list for the load client")
-    parser.add_argument("--quiet-threshold", type=float, default=0.15,
-                        help="before each round, wait until the machine is less busy than this (default 0.15)")
-    parser.add_argument("--quiet-patience", type=float, default=120, help="seconds to wait for that (default 120)")
-    parser.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
     args = parser.parse_args()
 
     info = common.machine()
-    server_cpus, client_cpus = common.cpu_sets(os.cpu_count() or 1)
-    server_cpus, client_cpus = args.server_cpus or server_cpus, args.client_cpus or client_cpus
+    server_cpus, client_cpus = common.chosen_cpus(args)
     workdir = Path(tempfile.mkdtemp(prefix="serving-bench-"))
     processes = {}
     try:
@@ -220,10 +212,7 @@ def main():
         sizes = (1, args.batch_images)
         samples = {c: {v: {str(n): [] for n in sizes} for v in VARIANTS} for c in ("c10", "c1")}
         floor = {str(n): [] for n in sizes}
-        for r in range(args.rounds):
-            share = common.wait_until_quiet(args.quiet_threshold, args.quiet_patience)
-            log(f"round {r + 1}/{args.rounds} (machine {share:.0%} busy before it)")
-            order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
+        for r, order in common.rounds(args.rounds, VARIANTS, args.quiet_threshold, args.quiet_patience):
             for n in sizes:
                 for v in order:
                     samples["c10"][v][str(n)].append(phase(
@@ -242,25 +231,35 @@ def main():
         shutil.rmtree(workdir, ignore_errors=True)
 
     info["load_average_at_end"] = common.load_average()
-    figures = {"c10": {}, "c1": {}, "floor": {}, "rps_ratio": {}, "p99_ratio": {}, "overhead_ms": {},
-               "overhead_ratio": {}, "mlflow_overhead_ms": {}, "rps_ratio_by_round": {}, "p99_ratio_by_round": {},
-               "cpu_ratio": {}}
+    floor_figures = {n: {"p50_ms": common.percentile(latencies, 50) * 1000,
+                         "p99_ms": common.percentile(latencies, 99) * 1000, "calls": len(latencies)}
+                     for n, latencies in floor.items()}
+    report = summarise(samples, floor_figures, info)
+    report.update(settings={"rounds": args.rounds, "seconds": args.seconds, "single_seconds": args.single_seconds,
+                            "concurrency": args.concurrency, "batch_images": args.batch_images,
+                            "server_cpus": server_cpus, "client_cpus": client_cpus,
+                            "ours": "python -m serving, defaults (SERVING_WORKERS=2, SERVING_TORCH_THREADS=1, "
+                                    "SERVING_BATCH_MAX_ROWS=32)",
+                            "mlflow": "mlflow models serve -m models:/NAME/1 --env-manager local (defaults)"},
+                  server_log_tails=logs)
+    common.write_results("serving", report, markdown(report), args.out_dir)
+    return 0 if all(report["targets_met"].values()) else 1
+
+
+def summarise(samples: dict, floor: dict, info: dict) -> dict:
+    """The report's figures from every phase's samples: medians over rounds for each server,
+    and each comparison as the median of the per-round ratios with their range."""
+    figures = {"c10": {}, "c1": {}, "floor": floor, "rps_ratio": {}, "p99_ratio": {}, "overhead_ms": {},
+               "overhead_ratio": {}, "mlflow_overhead_ms": {}, "cpu_ratio": {}}
     for c in ("c10", "c1"):
         for v in VARIANTS:
             figures[c][v] = {n: aggregate(runs) for n, runs in samples[c][v].items()}
-    for n, latencies in floor.items():
-        figures["floor"][n] = {"p50_ms": common.percentile(latencies, 50) * 1000,
-                               "p99_ms": common.percentile(latencies, 99) * 1000, "calls": len(latencies)}
-        ours, theirs = figures["c10"]["ours"][n], figures["c10"]["mlflow"][n]
-        figures["rps_ratio"][n] = ours["requests_per_sec"] / max(theirs["requests_per_sec"], 1e-9)
-        figures["p99_ratio"][n] = ours["p99_ms"] / theirs["p99_ms"]
-        # Each round's pair ran back to back, so its ratio saw about the same machine.
-        pairs = list(zip(samples["c10"]["ours"][n], samples["c10"]["mlflow"][n]))
-        figures["rps_ratio_by_round"][n] = [round(a["requests_per_sec"] / max(b["requests_per_sec"], 1e-9), 2)
-                                            for a, b in pairs]
-        figures["p99_ratio_by_round"][n] = [round(a["latency_ms"]["p99"] / b["latency_ms"]["p99"], 2)
-                                            for a, b in pairs]
-        figures["cpu_ratio"][n] = theirs["server_cpu_us_per_request"] / ours["server_cpu_us_per_request"]
+    for n in floor:
+        ours, theirs = samples["c10"]["ours"][n], samples["c10"]["mlflow"][n]
+        figures["rps_ratio"][n] = common.per_round_ratios(ours, theirs, lambda r: r["requests_per_sec"])
+        figures["p99_ratio"][n] = common.per_round_ratios(ours, theirs, lambda r: r["latency_ms"]["p99"])
+        # How many times ours' CPU per request MLflow's takes.
+        figures["cpu_ratio"][n] = common.per_round_ratios(theirs, ours, lambda r: r["server_cpu_us_per_request"])
         floor_p50 = figures["floor"][n]["p50_ms"]
         figures["overhead_ms"][n] = figures["c1"]["ours"][n]["p50_ms"] - floor_p50
         figures["overhead_ratio"][n] = figures["c1"]["ours"][n]["p50_ms"] / floor_p50
@@ -270,24 +269,15 @@ def main():
     others = [s["others_cpu_share"] for s in every]
     figures.update(load_1min_range=[min(loads), max(loads)], max_others_cpu_share=max(others),
                    median_others_cpu_share=common.median(others))
-    checks = {"rps_ratio_1_image": figures["rps_ratio"]["1"] >= TARGETS["rps_ratio_1_image"],
-              "p99_ratio_1_image": figures["p99_ratio"]["1"] <= TARGETS["p99_ratio_1_image"]}
+    checks = {"rps_ratio_1_image": figures["rps_ratio"]["1"]["median"] >= TARGETS["rps_ratio_1_image"],
+              "p99_ratio_1_image": figures["p99_ratio"]["1"]["median"] <= TARGETS["p99_ratio_1_image"]}
     quiet = figures["median_others_cpu_share"] < 0.15
     verdict = ("The machine was reasonably quiet; the ratios are meaningful." if quiet else
                "The machine was busy with other work during the runs: absolute requests/s and "
                "latencies are lower and noisier than on a quiet machine; the ratios, measured with "
                "the servers taking turns, are the figures to read, and even they carry that noise.")
-    report = {"date": common.now_iso(), "machine": info, "targets": TARGETS, "targets_met": checks,
-              "verdict": verdict,
-              "settings": {"rounds": args.rounds, "seconds": args.seconds, "single_seconds": args.single_seconds,
-                           "concurrency": args.concurrency, "batch_images": args.batch_images,
-                           "server_cpus": server_cpus, "client_cpus": client_cpus,
-                           "ours": "python -m serving, defaults (SERVING_WORKERS=2, SERVING_TORCH_THREADS=1, "
-                                   "SERVING_BATCH_MAX_ROWS=32)",
-                           "mlflow": "mlflow models serve -m models:/NAME/1 --env-manager local (defaults)"},
-              "figures": figures, "samples": samples, "server_log_tails": logs}
-    common.write_results("serving", report, markdown(report), args.out_dir)
-    return 0 if all(checks.values()) else 1
+    return {"date": common.now_iso(), "machine": info, "targets": TARGETS, "targets_met": checks,
+            "verdict": verdict, "figures": figures, "samples": samples}
 
 
 async def _one(port, data):

@@ -17,7 +17,8 @@ at the end), with the stack's own images, which must already exist (`make build`
 Both servers get the same CPU limit (docker --cpus) and are published on 127.0.0.1 only.
 `--clients` connections each log to their own run: every request is one
 `runs/log-batch` call carrying 10 metrics at a new step, as MlflowClient.log_batch sends
-it. The servers take turns for `--seconds` each, `--rounds` times. Afterwards the metrics
+it. The servers take turns for `--seconds` each, `--rounds` times; each comparison is the
+median of the per-round ratios with their range. Afterwards the metrics
 stored in each database are counted, so that nothing answered 200 and was lost. The
 artifact store is never touched by log_batch; ours points at an S3 endpoint where nothing
 listens. Results: bench/results/tracking.json and .md.
@@ -25,21 +26,18 @@ listens. Results: bench/results/tracking.json and .md.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 from bench import common
-from bench.common import fmt, log
+from bench.common import fmt, fmt_ratio, log
 
 MLFLOW_IMAGE = os.environ.get("BENCH_MLFLOW_IMAGE", "mlops/mlflow:dev")
 POSTGRES_IMAGES = ("mlops-local/postgres:17", "postgres:17-bookworm")
@@ -160,29 +158,28 @@ def make_requests(port: int, runs: list[str], auth: str | None):
 
 
 def markdown(report) -> str:
-    f, s, m = report["figures"], report["settings"], report["machine"]
+    f, s = report["figures"], report["settings"]
     lines = [
-        "# Tracking server benchmark", "",
-        f"{report['date']}. {common.machine_markdown(m)}", "",
+        *common.heading("Tracking server benchmark", report),
         f"`runs/log-batch` with {METRICS_PER_REQUEST} metrics per call, {s['clients']} concurrent clients "
         f"(keep-alive connections, one run each), {s['seconds']:g} s per phase, {s['rounds']} rounds with the "
-        f"servers taking turns; medians over rounds (range in brackets). Both servers are the stack's "
+        f"servers taking turns; medians over rounds (range in brackets), ratios the median of the per-round "
+        f"ratios. Both servers are the stack's "
         f"`{s['mlflow_image']}` image limited to `--cpus {s['cpus']:g}`, on one Postgres "
         f"(`{s['postgres_image']}`, no CPU limit), a database each, published on 127.0.0.1; the load "
         f"client runs on the host. Stored rows are counted in each database afterwards.", "",
-        "| server | requests/s | metrics/s | p50 ms | p99 ms | errors | server CPU ms/request | Postgres CPU ms/request | rows stored / expected |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for v in VARIANTS:
-        a = f[v]
-        lines.append(
-            f"| {LABELS[v]} | {fmt(a['requests_per_sec'], ',.0f')} ({fmt(a['requests_per_sec_range'][0], ',.0f')} to "
-            f"{fmt(a['requests_per_sec_range'][1], ',.0f')}) | {fmt(a['requests_per_sec'] * METRICS_PER_REQUEST, ',.0f')} | "
-            f"{fmt(a['p50_ms'], '.1f')} | {fmt(a['p99_ms'], '.1f')} | {a['failed']} of {a['requests']:,} | "
-            f"{fmt(a['server_cpu_ms_per_request'], '.2f')} | {fmt(a['postgres_cpu_ms_per_request'], '.2f')} | "
-            f"{a['rows_stored']:,} / {a['rows_expected']:,} |")
-    lines += ["", f"Ours reaches {f['rps_ratio']:.2f}x the requests/s of plain `mlflow server` "
-              f"(p99 {f['p99_ratio']:.2f}x). {report['explanation']}", "",
+    lines += common.markdown_table(
+        ["server", "requests/s", "metrics/s", "p50 ms", "p99 ms", "errors", "server CPU ms/request",
+         "Postgres CPU ms/request", "rows stored / expected"],
+        [[LABELS[v], f"{fmt(a['requests_per_sec'], ',.0f')} ({fmt(a['requests_per_sec_range'][0], ',.0f')} to "
+                     f"{fmt(a['requests_per_sec_range'][1], ',.0f')})",
+          fmt(a["requests_per_sec"] * METRICS_PER_REQUEST, ",.0f"), fmt(a["p50_ms"], ".1f"), fmt(a["p99_ms"], ".1f"),
+          f"{a['failed']} of {a['requests']:,}", fmt(a["server_cpu_ms_per_request"], ".2f"),
+          fmt(a["postgres_cpu_ms_per_request"], ".2f"), f"{a['rows_stored']:,} / {a['rows_expected']:,}"]
+         for v, a in ((v, f[v]) for v in VARIANTS)])
+    lines += ["", f"Ours reaches {fmt_ratio(f['rps_ratio'])} the requests/s of plain `mlflow server` "
+              f"(p99 {fmt_ratio(f['p99_ratio'])}). {report['explanation']}", "",
               f"The machine: load average (1 min) {f['load_1min_range'][0]:.1f} to {f['load_1min_range'][1]:.1f} "
               f"during the phases; other processes took a median {f['median_others_cpu_share']:.0%} (max "
               f"{f['max_others_cpu_share']:.0%}) of all CPUs. {report['verdict']}", ""]
@@ -194,15 +191,45 @@ def markdown(report) -> str:
     return "\n".join(lines)
 
 
+def figures_of(samples: dict, counts: dict) -> dict:
+    """Medians over rounds for each server, errors and stored rows over every phase, and the
+    comparisons as medians of per-round ratios."""
+    figures = {}
+    for v in VARIANTS:
+        runs = samples[v]
+        every = runs + samples[f"{v}_warmup"]
+        rps = [s["requests_per_sec"] or 0.0 for s in runs]
+        failures, error_samples = {}, {}
+        for s in every:
+            for k, n in s["failures"].items():
+                failures[k] = failures.get(k, 0) + n
+            for k, text in s["error_samples"].items():
+                error_samples.setdefault(str(k), text)
+        figures[v] = {
+            "requests_per_sec": common.median(rps), "requests_per_sec_range": [min(rps), max(rps)],
+            "p50_ms": common.median([s["latency_ms"]["p50"] for s in runs]),
+            "p99_ms": common.median([s["latency_ms"]["p99"] for s in runs]),
+            "server_cpu_ms_per_request": common.median([s["server_cpu_ms_per_request"] for s in runs]),
+            "postgres_cpu_ms_per_request": common.median([s["postgres_cpu_ms_per_request"] for s in runs]),
+            "requests": sum(s["requests"] for s in every), "failed": sum(s["failed"] for s in every),
+            "failures": failures, "error_samples": error_samples,
+            "rows_stored": counts[v], "rows_expected": sum(s["ok"] for s in every) * METRICS_PER_REQUEST,
+        }
+    # Each round's pair ran back to back: the comparison is the median of those ratios.
+    figures["rps_ratio"] = common.per_round_ratios(samples["ours"], samples["plain"], lambda s: s["requests_per_sec"])
+    figures["p99_ratio"] = common.per_round_ratios(samples["ours"], samples["plain"], lambda s: s["latency_ms"]["p99"])
+    measured = [s for v in VARIANTS for s in samples[v]]
+    loads = [x for s in measured for x in (s["load_before"][0], s["load_after"][0])]
+    others = [s["others_cpu_share"] for s in measured]
+    figures.update(load_1min_range=[min(loads), max(loads)], median_others_cpu_share=common.median(others),
+                   max_others_cpu_share=max(others))
+    return figures
+
+
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--seconds", type=float, default=15, help="seconds per phase (default 15)")
-    parser.add_argument("--clients", type=int, default=20)
+    parser = common.arguments(__doc__, rounds=3, seconds=15, quiet_patience=120)
+    parser.add_argument("--clients", type=int, default=20, help="concurrent clients, one run each (default 20)")
     parser.add_argument("--cpus", type=float, default=1.0, help="docker --cpus for each server (default 1)")
-    parser.add_argument("--quiet-threshold", type=float, default=0.15)
-    parser.add_argument("--quiet-patience", type=float, default=120)
-    parser.add_argument("--out-dir", type=Path, default=common.RESULTS_DIR)
     args = parser.parse_args()
 
     if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
@@ -216,8 +243,7 @@ def main():
     info = common.machine(docker=True)
     suffix = secrets.token_hex(3)
     c = Containers(f"bench-tracking-{suffix}")
-    # Stop cleanly on SIGTERM too, so that the containers are removed.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    common.exit_on_signals()  # so that the containers are removed
     secret_env = {**os.environ,
                   "POSTGRES_USER": "mlflow", "POSTGRES_PASSWORD": secrets.token_urlsafe(18), "POSTGRES_DB": "mlflow",
                   "MLFLOW_DB_USER": "mlflow_app", "MLFLOW_DB_PASSWORD": secrets.token_urlsafe(18),
@@ -302,10 +328,8 @@ def main():
         for v in VARIANTS:
             result = common.run_async(common.drive("127.0.0.1", ports[v], makers[v], args.clients, 3, timeout_s=60))
             samples.setdefault(f"{v}_warmup", []).append(result.summary())
-        for r in range(args.rounds):
-            share = common.wait_until_quiet(args.quiet_threshold, args.quiet_patience)
-            log(f"round {r + 1}/{args.rounds} (machine {share:.0%} busy before it)")
-            for v in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
+        for r, order in common.rounds(args.rounds, VARIANTS, args.quiet_threshold, args.quiet_patience):
+            for v in order:
                 with common.CpuWindow(containers=[ids[v], ids["postgres"]]) as window:
                     result = common.run_async(common.drive("127.0.0.1", ports[v], makers[v], args.clients,
                                                            args.seconds, timeout_s=60))
@@ -333,34 +357,7 @@ def main():
         log("containers and network removed")
 
     info["load_average_at_end"] = common.load_average()
-    figures = {}
-    for v in VARIANTS:
-        runs = samples[v]
-        every = runs + samples[f"{v}_warmup"]
-        rps = [s["requests_per_sec"] or 0.0 for s in runs]
-        failures, error_samples = {}, {}
-        for s in every:
-            for k, n in s["failures"].items():
-                failures[k] = failures.get(k, 0) + n
-            for k, text in s["error_samples"].items():
-                error_samples.setdefault(str(k), text)
-        figures[v] = {
-            "requests_per_sec": common.median(rps), "requests_per_sec_range": [min(rps), max(rps)],
-            "p50_ms": common.median([s["latency_ms"]["p50"] for s in runs]),
-            "p99_ms": common.median([s["latency_ms"]["p99"] for s in runs]),
-            "server_cpu_ms_per_request": common.median([s["server_cpu_ms_per_request"] for s in runs]),
-            "postgres_cpu_ms_per_request": common.median([s["postgres_cpu_ms_per_request"] for s in runs]),
-            "requests": sum(s["requests"] for s in every), "failed": sum(s["failed"] for s in every),
-            "failures": failures, "error_samples": error_samples,
-            "rows_stored": counts[v], "rows_expected": sum(s["ok"] for s in every) * METRICS_PER_REQUEST,
-        }
-    figures["rps_ratio"] = figures["ours"]["requests_per_sec"] / max(figures["plain"]["requests_per_sec"], 1e-9)
-    figures["p99_ratio"] = figures["ours"]["p99_ms"] / figures["plain"]["p99_ms"]
-    measured = [s for v in VARIANTS for s in samples[v]]
-    loads = [x for s in measured for x in (s["load_before"][0], s["load_after"][0])]
-    others = [s["others_cpu_share"] for s in measured]
-    figures.update(load_1min_range=[min(loads), max(loads)], median_others_cpu_share=common.median(others),
-                   max_others_cpu_share=max(others))
+    figures = figures_of(samples, counts)
     lost = any(figures[v]["rows_stored"] != figures[v]["rows_expected"] for v in VARIANTS)
     explanation = (
         "Ours authenticates and authorises every call (MLflow's basic-auth app): it checks the password "

@@ -1,6 +1,6 @@
 """Benchmark: our trainer against MLflow's PyTorch quickstart loop, side by side.
 
-    python bench/trainer_bench.py [--epochs 3] [--repeats 3] [--recipe-epochs 2]
+    python -m bench.trainer_bench [--epochs 3] [--rounds 3] [--threads N] [--recipe-epochs 2]
 
 On generated data of FashionMNIST's full size (60,000 + 10,000 images written as IDX files
 and read through torchvision), against a real `mlflow server` started here on a free
@@ -17,9 +17,11 @@ loopback port (SQLite backend, local artifacts) and stopped at the end, it measu
 images/s counts training images over the span from the first step to the end of the last
 epoch (evaluation, logging and checkpoints included; process start, data loading and the
 final model upload excluded) for the quickstart and the trainer alike. Each measurement
-runs in a fresh process; the configurations take turns, --repeats times, and the best run
-of each counts, because on a shared machine neighbours only ever slow a run down. Results go to bench/results/trainer.json
-and bench/results/trainer.md.
+runs in a fresh process with the same torch thread count (--threads); every round runs all
+of them back to back, in a rotating order, --rounds times. Each comparison is the median of
+the per-round ratios with their range, never a best of N: on a shared machine the fastest
+run of one side and of the other need not have met the same neighbours. Results go to
+bench/results/trainer.json and bench/results/trainer.md.
 """
 
 import argparse
@@ -34,11 +36,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 from bench import common
-from bench.common import log, signing_keys
+from bench.common import fmt_ratio, log, signing_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,9 +47,7 @@ TRAIN_IMAGES, TEST_IMAGES = 60_000, 10_000
 BATCH_SIZE, LR = 64, 1e-3
 LOG_EVERY_BATCHES = 100  # the quickstart's logging interval
 TARGETS = {"speedup": 1.5, "efficiency": 0.90, "logging_overhead": 0.02}
-# Before each measurement, wait (up to --quiet-patience seconds) until other processes use
-# less than this share of the CPUs: the machine is shared and its neighbours come and go.
-QUIET_THRESHOLD = 0.10
+CONFIGURATIONS = ("quickstart", "trainer", "untracked", "bound")
 
 
 # --- the measured programs, each run as `trainer_bench.py --role NAME` in its own process
@@ -175,8 +174,7 @@ def children_jiffies():
     return (usage.ru_utime + usage.ru_stime) * os.sysconf("SC_CLK_TCK")
 
 
-def run(command, env, label, patience_s):
-    common.wait_until_quiet(QUIET_THRESHOLD, patience_s)
+def run(command, env, label):
     busy0, total0 = common.machine_jiffies()
     ours0 = children_jiffies()
     started = time.perf_counter()
@@ -191,10 +189,10 @@ def run(command, env, label, patience_s):
     return result.stdout, wall, others
 
 
-def measure_role(role, data_dir, url, epochs, env, patience_s):
+def measure_role(role, data_dir, url, epochs, env):
     command = [sys.executable, "-m", "bench.trainer_bench", "--role", role, "--data-dir", str(data_dir),
                "--tracking-uri", url, "--epochs", str(epochs)]
-    out, wall, others = run(command, env, role, patience_s)
+    out, wall, others = run(command, env, role)
     result = json.loads(out.strip().splitlines()[-1].removeprefix("RESULT "))
     result.update(images_per_sec=result["images"] / result["seconds"], process_seconds=wall,
                   other_cpu_share=others)
@@ -205,9 +203,8 @@ TRAINED = re.compile(r"^trained (\d+) images in ([\d.]+) s", re.MULTILINE)
 EPOCH = re.compile(r"^epoch (\d+)/\d+  eval_loss [\d.]+  eval_accuracy ([\d.]+)  ([\d.]+) s$", re.MULTILINE)
 
 
-def measure_trainer(args, data_dir, env, patience_s):
-    out, wall, others = run([sys.executable, "-m", "trainer", "--data-dir", str(data_dir), *args], env, "trainer",
-                            patience_s)
+def measure_trainer(args, data_dir, env):
+    out, wall, others = run([sys.executable, "-m", "trainer", "--data-dir", str(data_dir), *args], env, "trainer")
     images, seconds = TRAINED.search(out).groups()
     epochs = EPOCH.findall(out)
     return {"images": int(images), "seconds": float(seconds), "images_per_sec": int(images) / float(seconds),
@@ -215,106 +212,114 @@ def measure_trainer(args, data_dir, env, patience_s):
             "epoch_seconds": [float(e[2]) for e in epochs]}
 
 
-def machine():
+def machine(threads):
     import torch
 
     info = common.machine()
-    info.update(torch_threads=torch.get_num_threads(), torch=info["packages"]["torch"],
+    info.update(torch_threads=threads, torch=info["packages"]["torch"],
                 mlflow=info["packages"]["mlflow"],
                 gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)
     return info
 
 
-def best_of(samples, key="images_per_sec"):
-    return max(s[key] for s in samples)
-
-
-def median_of(samples, key="images_per_sec"):
-    return statistics.median(s[key] for s in samples)
+def images_per_sec(run):
+    return run["images_per_sec"]
 
 
 def summarise(samples, recipe, conf, info):
-    # Best of N for every configuration alike: interference from neighbours only ever
-    # slows a run down, so the fastest run is the closest to the machine's own speed.
-    quickstart, trainer, untracked, bound = (
-        best_of(samples[k]) for k in ("quickstart", "trainer", "untracked", "bound"))
-    medians = {f"{k}_median_images_per_sec": median_of(v) for k, v in samples.items()}
+    """Each configuration's images/s as the median over rounds with its range, and every
+    comparison as the median of the per-round ratios (the runs of one round ran back to
+    back) with their range."""
+    speed = {}
+    for name, runs in samples.items():
+        values = [r["images_per_sec"] for r in runs]
+        speed[name] = {"median": statistics.median(values), "range": [min(values), max(values)]}
+    ratio = {f"{a}_to_{b}": common.per_round_ratios(samples[a], samples[b], images_per_sec)
+             for a, b in (("trainer", "quickstart"), ("trainer", "bound"), ("quickstart", "bound"),
+                          ("untracked", "bound"), ("trainer", "untracked"))}
+    tracked = ratio["trainer_to_untracked"]
     figures = {
-        "quickstart_images_per_sec": quickstart,
-        "trainer_images_per_sec": trainer,
-        "trainer_untracked_images_per_sec": untracked,
-        "compute_bound_images_per_sec": bound,
-        "speedup": trainer / quickstart,
-        "trainer_efficiency": trainer / bound,
-        "quickstart_efficiency": quickstart / bound,
-        "logging_overhead": 1 - trainer / untracked,
-        "quickstart_eval_accuracy": samples["quickstart"][-1]["eval_accuracy"],
-        "trainer_eval_accuracy": samples["trainer"][-1]["eval_accuracy"],
+        "images_per_sec": speed,
+        "ratios": ratio,
+        "speedup": ratio["trainer_to_quickstart"]["median"],
+        "trainer_efficiency": ratio["trainer_to_bound"]["median"],
+        # 1 - (tracking on / off) per round: its median and range, the range turned round.
+        "logging_overhead": {"median": round(1 - tracked["median"], 3),
+                             "range": [round(1 - tracked["range"][1], 3), round(1 - tracked["range"][0], 3)]},
+        "quickstart_eval_accuracy": statistics.median(r["eval_accuracy"] for r in samples["quickstart"]),
+        "trainer_eval_accuracy": statistics.median(r["eval_accuracy"] for r in samples["trainer"]),
         "recipe_images_per_sec": recipe["images_per_sec"],
         "recipe_epoch_seconds": statistics.mean(recipe["epoch_seconds"]),
         "recipe_eval_accuracy": recipe["eval_accuracy"],
         "max_other_cpu_share": max(r["other_cpu_share"] for runs in samples.values() for r in runs),
-        **medians,
     }
     checks = {
         "speedup": figures["speedup"] >= TARGETS["speedup"],
         "efficiency": figures["trainer_efficiency"] >= TARGETS["efficiency"],
-        "logging_overhead": figures["logging_overhead"] <= TARGETS["logging_overhead"],
+        "logging_overhead": figures["logging_overhead"]["median"] <= TARGETS["logging_overhead"],
     }
-    return {"date": datetime.now(UTC).isoformat(timespec="seconds"), "machine": info,
-            "settings": conf, "targets": TARGETS, "figures": figures, "targets_met": checks,
-            "samples": samples, "recipe": recipe}
+    return {"date": common.now_iso(), "machine": info, "settings": conf, "targets": TARGETS, "figures": figures,
+            "targets_met": checks, "samples": samples, "recipe": recipe}
 
 
 def markdown(report):
     f, m, s = report["figures"], report["machine"], report["settings"]
     met = report["targets_met"]
+    speed, ratio = f["images_per_sec"], f["ratios"]
 
     def ok(key):
         return "met" if met[key] else "MISSED"
 
+    def images(name):
+        low, high = speed[name]["range"]
+        return f"{speed[name]['median']:,.0f} ({low:,.0f} to {high:,.0f})"
+
+    overhead = f["logging_overhead"]
     gpu = m["gpu"] or "none"
-    return f"""# Trainer benchmark
-
-{report['date']}; machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads),
-{m['memory_gib']} GiB, GPU {gpu}; {m['os']}; Python {m['python']}, torch {m['torch']}, mlflow
-{m['mlflow']}. The machine is shared: before each run the bench waited up to
-{s['quiet_patience_s']:g} s for other processes to use under {QUIET_THRESHOLD:.0%} of the CPUs; during the
-runs they used up to {f['max_other_cpu_share']:.0%} of them (the tracking server's share included). Generated data of FashionMNIST's size ({TRAIN_IMAGES:,} + {TEST_IMAGES:,}
-images, IDX files read through torchvision), a real `mlflow server` on loopback.
-Quickstart model, batch {BATCH_SIZE}, SGD lr {LR:g}, {s['epochs']} epochs, evaluation every
-epoch; {s['repeats']} runs of each, taking turns; the best run counts (medians for reference).
-
-| | images/s | median | share of compute bound |
-|---|---:|---:|---:|
-| quickstart loop (ToTensor + DataLoader, sync log_metric) | {f['quickstart_images_per_sec']:,.0f} | {f['quickstart_median_images_per_sec']:,.0f} | {f['quickstart_efficiency']:.1%} |
-| `python -m trainer --arch quickstart` (tracking on) | {f['trainer_images_per_sec']:,.0f} | {f['trainer_median_images_per_sec']:,.0f} | {f['trainer_efficiency']:.1%} |
-| same, `--no-tracking` | {f['trainer_untracked_images_per_sec']:,.0f} | {f['untracked_median_images_per_sec']:,.0f} | {f['trainer_untracked_images_per_sec'] / f['compute_bound_images_per_sec']:.1%} |
-| compute bound (pre-loaded tensors, no logging, no eval) | {f['compute_bound_images_per_sec']:,.0f} | {f['bound_median_images_per_sec']:,.0f} | 100% |
-
-| target | result | |
-|---|---:|---|
-| trainer / quickstart >= {TARGETS['speedup']}x | {f['speedup']:.2f}x | {ok('speedup')} |
-| trainer / compute bound >= {TARGETS['efficiency']:.0%} | {f['trainer_efficiency']:.1%} | {ok('efficiency')} |
-| logging overhead (tracking on vs off) <= {TARGETS['logging_overhead']:.0%} | {f['logging_overhead']:.1%} | {ok('logging_overhead')} |
-
-Eval accuracy after {s['epochs']} epochs on the generated data: quickstart
-{f['quickstart_eval_accuracy']:.3f}, trainer {f['trainer_eval_accuracy']:.3f}.
-
-Default recipe (`python -m trainer`: small CNN, batch 128, AdamW, cosine), {s['recipe_epochs']}
-epoch(s): {f['recipe_images_per_sec']:,.0f} images/s, {f['recipe_epoch_seconds']:.1f} s per epoch
-(training plus evaluation), eval accuracy {f['recipe_eval_accuracy']:.3f}.
-"""
+    table = common.markdown_table(["", "images/s, median (range)", "share of compute bound"], [
+        ["quickstart loop (ToTensor + DataLoader, sync log_metric)", images("quickstart"),
+         fmt_ratio(ratio["quickstart_to_bound"])],
+        ["`python -m trainer --arch quickstart` (tracking on)", images("trainer"), fmt_ratio(ratio["trainer_to_bound"])],
+        ["same, `--no-tracking`", images("untracked"), fmt_ratio(ratio["untracked_to_bound"])],
+        ["compute bound (pre-loaded tensors, no logging, no eval)", images("bound"), "1.00x"],
+    ])
+    targets = common.markdown_table(["target", "result", ""], [
+        [f"trainer / quickstart >= {TARGETS['speedup']}x", fmt_ratio(ratio["trainer_to_quickstart"]), ok("speedup")],
+        [f"trainer / compute bound >= {TARGETS['efficiency']:.2f}x", fmt_ratio(ratio["trainer_to_bound"]),
+         ok("efficiency")],
+        [f"logging overhead (1 - tracking on / off) <= {TARGETS['logging_overhead']:.0%}",
+         f"{overhead['median']:.1%} ({overhead['range'][0]:.1%} to {overhead['range'][1]:.1%})",
+         ok("logging_overhead")],
+    ], align="lrl")
+    return "\n".join([
+        "# Trainer benchmark", "",
+        f"{report['date']}; machine: {m['cpu']}, {m['cores']} cores ({m['torch_threads']} torch threads in every "
+        f"run), {m['memory_gib']} GiB, GPU {gpu}; {m['os']}; Python {m['python']}, torch {m['torch']}, mlflow "
+        f"{m['mlflow']}. The machine is shared: before each round the bench waited up to "
+        f"{s['quiet_patience_s']:g} s for other processes to use under {s['quiet_threshold']:.0%} of the CPUs; during "
+        f"the runs they used up to {f['max_other_cpu_share']:.0%} of them (the tracking server's share included). "
+        f"Generated data of FashionMNIST's size ({TRAIN_IMAGES:,} + {TEST_IMAGES:,} images, IDX files read through "
+        f"torchvision), a real `mlflow server` on loopback. Quickstart model, batch {BATCH_SIZE}, SGD lr {LR:g}, "
+        f"{s['epochs']} epochs, evaluation every epoch; {s['rounds']} rounds, each running every configuration "
+        f"back to back in a rotating order. Ratios are the median of the per-round ratios, the range in brackets.",
+        "", *table, "", *targets, "",
+        f"Eval accuracy after {s['epochs']} epochs on the generated data: quickstart "
+        f"{f['quickstart_eval_accuracy']:.3f}, trainer {f['trainer_eval_accuracy']:.3f}.", "",
+        f"Default recipe (`python -m trainer`: small CNN, batch 128, AdamW, cosine), {s['recipe_epochs']} "
+        f"epoch(s), one run: {f['recipe_images_per_sec']:,.0f} images/s, {f['recipe_epoch_seconds']:.1f} s per epoch "
+        f"(training plus evaluation), eval accuracy {f['recipe_eval_accuracy']:.3f}.", "",
+    ])
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = common.arguments(__doc__, rounds=3, rounds_help="rounds, each running every configuration",
+                              quiet_threshold=0.10, quiet_patience=30)
+    # The earlier name of --rounds, still accepted.
+    parser.add_argument("--repeats", type=int, dest="rounds", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, default=3, help="epochs of the side-by-side runs (default 3)")
-    parser.add_argument("--repeats", type=int, default=3, help="runs of each configuration (default 3)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads in every measured process (default: torch's own count here)")
     parser.add_argument("--recipe-epochs", type=int, default=2, help="epochs of the default recipe (default 2)")
-    parser.add_argument("--quiet-patience", type=float, default=30,
-                        help="seconds to wait for a quiet machine before each run (default 30)")
-    parser.add_argument("--out-dir", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--role", choices=["quickstart", "bound"], help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", help=argparse.SUPPRESS)
     parser.add_argument("--tracking-uri", help=argparse.SUPPRESS)
@@ -322,60 +327,53 @@ def main():
     if args.role:
         return run_role(args)
 
+    import torch
+
     from trainer import synthetic
 
-    def stop(signum, frame):
-        raise SystemExit(f"stopped by {signal.Signals(signum).name}")
-
     # SIGTERM (and SIGINT in a background job) must still run the clean-up below.
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    info = machine()
+    common.exit_on_signals(signal.SIGTERM, signal.SIGINT)
+    threads = args.threads or torch.get_num_threads()
+    info = machine(threads)
     workdir = Path(tempfile.mkdtemp(prefix="trainer-bench-"))
     data_dir = workdir / "data"
     log(f"writing {TRAIN_IMAGES}+{TEST_IMAGES} generated images to {data_dir}")
     synthetic.write_dataset(data_dir, TRAIN_IMAGES, TEST_IMAGES, seed=0)
     server, url = start_server(workdir)
     log(f"mlflow server up at {url}")
+    # The same thread count for every configuration: torch reads it at start-up.
     env = {**os.environ, "MLFLOW_TRACKING_URI": url, "PYTHONPATH": str(ROOT), "TRAINER_NO_DOWNLOAD": "1",
            "EXPERIMENT_NAME": "bench-trainer", "MODEL_NAME": "bench-fashion-mnist",
-           "MODEL_SIGNING_KEY": signing_keys()["MODEL_SIGNING_KEY"]}
+           "MODEL_SIGNING_KEY": signing_keys()["MODEL_SIGNING_KEY"], "OMP_NUM_THREADS": str(threads),
+           "MKL_NUM_THREADS": str(threads)}
     same_as_quickstart = ["--arch", "quickstart", "--batch-size", str(BATCH_SIZE), "--optimizer", "sgd",
                           "--lr", str(LR), "--lr-schedule", "constant", "--epochs", str(args.epochs),
                           "--seed", "0"]
     configurations = {
-        "quickstart": lambda: measure_role("quickstart", data_dir, url, args.epochs, env, args.quiet_patience),
-        "trainer": lambda: measure_trainer(same_as_quickstart + ["--promotion-policy", "never"], data_dir, env,
-                                           args.quiet_patience),
-        "untracked": lambda: measure_trainer(same_as_quickstart + ["--no-tracking"], data_dir, env,
-                                             args.quiet_patience),
-        "bound": lambda: measure_role("bound", data_dir, url, args.epochs, env, args.quiet_patience),
+        "quickstart": lambda: measure_role("quickstart", data_dir, url, args.epochs, env),
+        "trainer": lambda: measure_trainer(same_as_quickstart + ["--promotion-policy", "never"], data_dir, env),
+        "untracked": lambda: measure_trainer(same_as_quickstart + ["--no-tracking"], data_dir, env),
+        "bound": lambda: measure_role("bound", data_dir, url, args.epochs, env),
     }
-    samples = {name: [] for name in configurations}
+    samples = {name: [] for name in CONFIGURATIONS}
     try:
-        names = list(configurations)
-        for repeat in range(args.repeats):
-            # Rotating the order spreads slow phases of a shared machine over all of them.
-            for name in names[repeat % len(names):] + names[:repeat % len(names)]:
+        for r, order in common.rounds(args.rounds, CONFIGURATIONS, args.quiet_threshold, args.quiet_patience):
+            for name in order:
                 result = configurations[name]()
                 samples[name].append(result)
-                log(f"round {repeat + 1}/{args.repeats} {name}: {result['images_per_sec']:,.0f} images/s")
-        recipe = measure_trainer(["--epochs", str(args.recipe_epochs), "--promotion-policy", "never"], data_dir, env,
-                                 args.quiet_patience)
+                log(f"round {r + 1}/{args.rounds} {name}: {result['images_per_sec']:,.0f} images/s")
+        recipe = measure_trainer(["--epochs", str(args.recipe_epochs), "--promotion-policy", "never"], data_dir, env)
         log(f"default recipe: {recipe['images_per_sec']:,.0f} images/s")
     finally:
         common.stop_process(server)
         shutil.rmtree(workdir, ignore_errors=True)
 
-    info["load_average_at_end"] = os.getloadavg()
-    conf = {"epochs": args.epochs, "repeats": args.repeats, "recipe_epochs": args.recipe_epochs,
-            "quiet_threshold": QUIET_THRESHOLD, "quiet_patience_s": args.quiet_patience,
+    info["load_average_at_end"] = common.load_average()
+    conf = {"epochs": args.epochs, "rounds": args.rounds, "threads": threads, "recipe_epochs": args.recipe_epochs,
+            "quiet_threshold": args.quiet_threshold, "quiet_patience_s": args.quiet_patience,
             "batch_size": BATCH_SIZE, "lr": LR, "train_images": TRAIN_IMAGES, "test_images": TEST_IMAGES}
     report = summarise(samples, recipe, conf, info)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "trainer.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.out_dir / "trainer.md").write_text(markdown(report))
-    print(markdown(report))
+    common.write_results("trainer", report, markdown(report), args.out_dir)
     return 0 if all(report["targets_met"].values()) else 1
 
 

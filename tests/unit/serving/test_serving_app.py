@@ -4,6 +4,7 @@ without failing a request, refusing broken versions, and answering bad input wit
 import asyncio
 import json
 import logging
+import re
 import threading
 import time
 
@@ -16,6 +17,7 @@ from serving import config
 from serving.app import ServingApp
 
 POLL = 0.2  # seconds; the watcher's own schedule, not a sleep in the tests
+RETRY_LINE = re.compile(r"not switched to \(attempt (?P<attempt>\d+)\): .*; retrying in (?P<delay>[\d.]+)s")
 
 
 @pytest.fixture
@@ -182,18 +184,17 @@ def test_broken_version_is_not_switched_to(registry, make_app, kind, step, reaso
     answer = asyncio.run(post_json(app, ONE_IMAGE_BODY))
     assert answer.status == 200 and answer.version == "1"
 
-    # Retried later, each time after a longer pause: not at every poll.
-    attempts = {}
-    wait_until(
-        lambda: attempts.setdefault(status(app)["failed_attempts"], time.monotonic()) and 3 in attempts,
-        timeout=20,
-        interval=0.01,
-        what="third attempt",
-    )
-    first_gap = attempts[2] - attempts[1]
-    second_gap = attempts[3] - attempts[2]
-    assert first_gap >= 2 * POLL * 0.9
-    assert second_gap > first_gap
+    # Retried later, each time after a longer pause than the last, the first already longer
+    # than a poll: the log announces each attempt and when the next one comes.
+    def announced() -> dict[int, float]:
+        delays = {}
+        for line in serving_log.messages:
+            if match := RETRY_LINE.search(line):
+                delays.setdefault(int(match["attempt"]), float(match["delay"]))
+        return delays
+
+    delays = wait_until(lambda: (found := announced()) and 3 in found and found, timeout=20, what="third attempt")
+    assert [delays[n] for n in (1, 2, 3)] == pytest.approx([2 * POLL, 4 * POLL, 8 * POLL]), delays
     assert status(app)["version"] == "1"
 
     # A good version after the broken one is taken at once and clears the error.

@@ -20,6 +20,7 @@ from trainer import config, data, registry_cli
 ROOT = Path(__file__).resolve().parents[3]
 EPOCHS, BATCH, LOG_EVERY = 2, 64, 2
 STEPS_PER_EPOCH = 8  # 512 generated training images / batch 64
+COMMIT = "0123456789abcdef0123456789abcdef01234567"  # as an image build passes GIT_COMMIT
 
 
 @pytest.fixture(scope="module")
@@ -34,6 +35,7 @@ def first(tmp_path_factory, data_dir, empty_store):
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(root)
         mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("GIT_COMMIT", COMMIT)
         mlflow.set_tracking_uri(uri)
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
@@ -80,7 +82,7 @@ def test_tags_record_dataset_device_and_registration(first):
     # psutil is a dependency of the trainer: without it MLflow records no system metrics.
     assert tags["system_metrics"] == "on"
     assert tags["registered_version"] == "1" and tags["promoted"] == "yes"
-    assert tags.get("git_commit") == tags.get("mlflow.source.git.commit")
+    assert tags["git_commit"] == tags["mlflow.source.git.commit"] == COMMIT
 
 
 def test_train_and_test_data_are_the_runs_datasets(first):
