@@ -23,7 +23,8 @@ if ! command -v kustomize >/dev/null 2>&1; then
   mkdir -p "$work/sources" "$work/lists/partial" "$work/debs"
   echo "deb http://deb.debian.org/debian trixie main" >"$work/sources/trixie.list"
   aptopts=(-o Dir::Etc::SourceList=/dev/null -o "Dir::Etc::SourceParts=$work/sources"
-           -o "Dir::State::Lists=$work/lists" -o Debug::NoLocking=1)
+           -o "Dir::State::Lists=$work/lists" -o Debug::NoLocking=1
+           -o APT::Sandbox::User=root)
   apt-get "${aptopts[@]}" update -qq
   (cd "$work/debs" && apt-get "${aptopts[@]}" download kustomize >/dev/null)
   dpkg -x "$work"/debs/kustomize_*.deb "$work/root"
