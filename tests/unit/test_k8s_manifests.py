@@ -276,14 +276,20 @@ def test_serving_and_the_trainer_reach_only_the_tracking_server_inside_the_clust
 
 
 def test_the_ingress_serves_both_hosts_over_tls_and_the_server_accepts_its_name(dev: list[Resource]) -> None:
-    ingress = find(dev, "Ingress", "mlops")["spec"]
-    hosts = {rule["host"]: rule["http"]["paths"][0]["backend"]["service"]["name"] for rule in ingress["rules"]}
-    assert sorted(hosts.values()) == ["mlflow", "serving"]
-    assert set(hosts) <= {h for tls in ingress["tls"] for h in tls["hosts"]}
-    assert all(tls["secretName"] for tls in ingress["tls"])
+    hosts = {}
+    for name in ("mlflow", "serving"):
+        ingress = find(dev, "Ingress", name)["spec"]
+        (rule,) = ingress["rules"]
+        assert rule["http"]["paths"][0]["backend"]["service"]["name"] == name
+        assert rule["host"] in {h for tls in ingress["tls"] for h in tls["hosts"]}
+        assert all(tls["secretName"] for tls in ingress["tls"])
+        hosts[name] = rule["host"]
     server_settings = next(r for r in dev if r["kind"] == "ConfigMap" and "MLFLOW_PUBLIC_HOSTS" in r.get("data", {}))
-    mlflow_host = next(host for host, service in hosts.items() if service == "mlflow")
-    assert mlflow_host in server_settings["data"]["MLFLOW_PUBLIC_HOSTS"].split(",")
+    assert hosts["mlflow"] in server_settings["data"]["MLFLOW_PUBLIC_HOSTS"].split(",")
+    # The model endpoint asks for a login; MLflow checks its own.
+    annotations = find(dev, "Ingress", "serving")["metadata"]["annotations"]
+    assert annotations["nginx.ingress.kubernetes.io/auth-type"] == "basic"
+    assert "nginx.ingress.kubernetes.io/auth-type" not in find(dev, "Ingress", "mlflow")["metadata"]["annotations"]
 
 
 def test_a_nightly_backup_of_both_databases_and_the_bucket(dev: list[Resource]) -> None:
