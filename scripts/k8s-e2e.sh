@@ -10,7 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CLUSTER=${KIND_CLUSTER_NAME:-mlops-e2e}
-NODE_IMAGE=${KIND_NODE_IMAGE:-kindest/node:v1.33.1}
+# kind 0.27 (Debian trixie) defaults to this node image.
+NODE_IMAGE=${KIND_NODE_IMAGE:-kindest/node:v1.32.2}
 OVERLAY=deploy/kubernetes/overlays/kind
 NS=mlops
 IMAGES=(mlops/mlflow:dev mlops/serving:dev mlops/trainer:dev mlops-local/postgres:17 mlops-local/s3:s3rver-3.7.1-sigv4)
@@ -22,7 +23,7 @@ for tool in docker kind kubectl kustomize; do
 done
 docker info >/dev/null 2>&1 || cannot "no Docker engine answers"
 if ! docker image inspect "$NODE_IMAGE" >/dev/null 2>&1 \
-   && ! timeout 120 docker pull -q "$NODE_IMAGE" >/dev/null 2>&1; then
+   && ! timeout 30 docker pull -q "$NODE_IMAGE" >/dev/null 2>&1; then
   cannot "kind's node image $NODE_IMAGE is not on this machine and cannot be pulled (no container registry); set KIND_NODE_IMAGE to one you have"
 fi
 for image in "${IMAGES[@]}"; do
