@@ -27,10 +27,12 @@ if ! command -v kustomize >/dev/null 2>&1; then
            -o APT::Sandbox::User=root)
   apt-get "${aptopts[@]}" update -qq
   (cd "$work/debs" && apt-get "${aptopts[@]}" download kustomize >/dev/null)
-  dpkg -x "$work"/debs/kustomize_*.deb "$work/root"
+  deb=$(echo "$work"/debs/kustomize_*.deb)
+  log "kustomize $(dpkg-deb -f "$deb" Version)"
+  dpkg -x "$deb" "$work/root"
   $SUDO install -m 0755 "$work/root/usr/bin/kustomize" /usr/local/bin/kustomize
 fi
-log "kustomize $(kustomize version)"
+log "kustomize at $(command -v kustomize)"
 
 want="kubernetes-validate==$KUBERNETES_VALIDATE_VERSION checkov==$CHECKOV_VERSION"
 if [ "$(cat "$VENV/.pinned" 2>/dev/null)" != "$want" ]; then
