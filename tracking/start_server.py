@@ -11,25 +11,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 
-import psycopg2
-
-from tracking import reset_admin, settings
-
-
-def wait_for_postgres(conf: settings.Server, deadline_s: float = 120) -> None:
-    deadline = time.monotonic() + deadline_s
-    delay = 0.5
-    while True:
-        try:
-            psycopg2.connect(**conf.params(conf.tracking_db), connect_timeout=5).close()
-            return
-        except psycopg2.OperationalError as error:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"Postgres did not accept connections within {deadline_s:.0f} s: {error}") from None
-            time.sleep(delay)
-            delay = min(delay * 2, 5)
+from tracking import reset_admin, settings, upgrade_schema
 
 
 def write_auth_config(conf: settings.Server) -> str:
@@ -91,16 +74,10 @@ def main() -> None:
     os.environ["MLFLOW_AUTH_ADMIN_PASSWORD"] = conf.admin_password.get_secret_value()
     port = conf.container_port
 
-    wait_for_postgres(conf)
-    settings.log("upgrading the tracking schema (no-op when current)")
-    tracking_uri = conf.uri(conf.tracking_db)
-    # The URI holds a password, so it never goes on a command line (ps, logs): the upgrade
-    # runs in this process through the CLI command's own function, the server reads the
-    # URI from its environment variable.
-    import mlflow.db
-
-    mlflow.db.upgrade.callback(tracking_uri)
-    os.environ["MLFLOW_BACKEND_STORE_URI"] = tracking_uri
+    upgrade_schema.upgrade(conf)
+    # The URI holds a password, so it never goes on a command line: the server reads it
+    # from its environment variable.
+    os.environ["MLFLOW_BACKEND_STORE_URI"] = conf.uri(conf.tracking_db)
     if conf.auth_mode == "oidc":
         prepare_single_sign_on(conf)
     else:

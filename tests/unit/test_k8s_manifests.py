@@ -189,7 +189,7 @@ def test_the_schema_upgrade_is_a_job_applied_before_the_server(dev: list[Resourc
     # deploy.sh applies the "prepare" phase and waits for its Jobs before anything else.
     upgrade = find(dev, "Job", "schema-upgrade")
     assert upgrade["metadata"]["labels"]["mlops.stack/phase"] == "prepare"
-    assert "mlflow.db.upgrade" in pod_spec(upgrade)["containers"][0]["command"][-1]
+    assert pod_spec(upgrade)["containers"][0]["command"] == ["python", "-m", "tracking.upgrade_schema"]
     assert "mlops.stack/phase" not in find(dev, "Deployment", "mlflow")["metadata"]["labels"]
     deploy_script = (ROOT / "deploy" / "kubernetes" / "deploy.sh").read_text()
     assert deploy_script.index("wait_job \"$job\"") < deploy_script.index("rollout status deployment/mlflow")
