@@ -23,7 +23,7 @@ export GIT_COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null)
 
 .PHONY: help env up down build offline-images train predict logs ps models promote sign rollback \
         test test-unit test-integration lint bench bench-trainer bench-serving bench-direct-path bench-switch \
-        bench-tracking bench-cold-start bench-load backup restore clean doctor lock
+        bench-tracking bench-cold-start bench-load backup restore clean doctor lock k8s-check k8s-e2e
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}'
@@ -81,10 +81,17 @@ $(VENV_STAMP): pyproject.toml docker/requirements/constraints.txt docker/require
 	@$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e .
 	@touch $@
 
-test: lint test-unit test-integration ## Run every test (lint, unit, then the whole stack in Docker)
+test: lint k8s-check test-unit test-integration ## Run every test (lint, Kubernetes manifests, unit, then the whole stack in Docker)
 
 lint: $(VENV_STAMP) ## Check the Python code with ruff (configured in pyproject.toml)
 	@$(VENV)/bin/ruff check .
+
+k8s-check: ## Render, validate (Kubernetes 1.37) and checkov deploy/kubernetes; installs its tools first
+	@scripts/k8s-tools.sh
+	@scripts/k8s-check.sh
+
+k8s-e2e: ## The stack on a throwaway kind cluster: deploy, train on generated data, predict (needs kind and its node image)
+	@scripts/k8s-e2e.sh
 
 test-unit: $(VENV_STAMP) ## Unit tests: no Docker, seconds
 	@$(VENV)/bin/python -m pytest -q tests/unit
