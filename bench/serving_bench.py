@@ -31,13 +31,19 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench import common
 from bench.common import fmt, fmt_ratio, log
+
+if TYPE_CHECKING:
+    import numpy as np
+    from mlflow.pyfunc import PyFuncModel
 
 TARGETS = {"rps_ratio_1_image": 3.0, "p99_ratio_1_image": 0.5, "p50_over_floor_batch": 1.5}
 VARIANTS = ("ours", "ours_unbatched", "mlflow", "mlflow_2x1")
@@ -63,7 +69,7 @@ COMMANDS = {
 }
 
 
-def request_bodies(images, per_request: int, count: int, port: int) -> list[bytes]:
+def request_bodies(images: np.ndarray, per_request: int, count: int, port: int) -> list[bytes]:
     """`count` different POST /invocations requests of `per_request` images each, as a
     numpy client would send them (float32 values written by tolist())."""
     out = []
@@ -75,7 +81,7 @@ def request_bodies(images, per_request: int, count: int, port: int) -> list[byte
     return out
 
 
-def floor_latencies(pyfunc, images, per_request: int, calls: int) -> list[float]:
+def floor_latencies(pyfunc: PyFuncModel, images: np.ndarray, per_request: int, calls: int) -> list[float]:
     batches = [images[i:i + per_request] for i in range(0, len(images) - per_request + 1, per_request)] or [images]
     latencies = []
     for i in range(calls):
@@ -86,7 +92,8 @@ def floor_latencies(pyfunc, images, per_request: int, calls: int) -> list[float]
     return latencies
 
 
-def phase(name, process, port, requests, concurrency, seconds, max_requests):
+def phase(name: str, process: subprocess.Popen, port: int, requests: list[bytes], concurrency: int,
+          seconds: float, max_requests: int) -> dict:
     with common.CpuWindow(pids=[process.pid]) as window:
         result = common.run_async(common.drive("127.0.0.1", port, requests, concurrency, seconds,
                                                max_requests=max_requests, timeout_s=120))
@@ -330,7 +337,7 @@ def summarise(samples: dict, floor: dict, info: dict) -> dict:
             "verdict": verdict, "figures": figures, "samples": samples}
 
 
-async def _one(port, data):
+async def _one(port: int, data: bytes) -> bytes:
     conn = common.HttpConnection("127.0.0.1", port)
     try:
         status, _, body = await conn.request(data)

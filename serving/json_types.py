@@ -8,6 +8,7 @@ answered 400 before any parser casts it.
 
 from __future__ import annotations
 
+import math
 from itertools import chain
 
 import numpy as np
@@ -62,14 +63,16 @@ def plain_numbers(body: bytes, tensor: object, rank: int, dtype: np.dtype) -> np
         return None
     shape, level = [], [tensor]
     try:
-        for _ in range(rank):
+        for depth in range(rank):
             lengths = set(map(len, level))  # TypeError: a number where an array belongs
             if len(lengths) != 1:
                 return None  # ragged, or an empty array above the last level
             shape.append(lengths.pop())
-            level = list(chain.from_iterable(level))
+            if depth < rank - 1:
+                level = list(chain.from_iterable(level))
+        leaves = chain.from_iterable(level) if rank else level
         # ValueError: an array where a number belongs; OverflowError: an integer beyond dtype.
-        return np.fromiter(level, dtype=dtype, count=len(level)).reshape(shape)
+        return np.fromiter(leaves, dtype=dtype, count=math.prod(shape)).reshape(shape)
     except (ValueError, TypeError, OverflowError):
         return None
 
