@@ -766,3 +766,17 @@ def wait_serving(port: int, process, version: str, timeout_s: float = 180) -> No
         except OSError:
             streak = 0
             time.sleep(0.2)
+
+
+def start_mlflow_serve_sized(workdir: Path, tracking_uri: str, model_uri: str, port: int, cpus: str | None,
+                             workers: int, threads: int, log_name: str) -> subprocess.Popen:
+    """Plain `mlflow models serve` with `workers` uvicorn workers and `threads` torch
+    threads in each (OMP_NUM_THREADS and MKL_NUM_THREADS, which torch reads when it starts,
+    as serving's entry point sets them): the same processes and threads as ours."""
+    counts = {name: str(threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    env = _server_env(tracking_uri, **counts)
+    out = open(workdir / log_name, "wb")  # noqa: SIM115 - the server writes to it after we return
+    command = [str(VENV_BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+               "-p", str(port), "--workers", str(workers)]
+    return subprocess.Popen(_pinned(command, cpus), env=env, cwd=workdir, stdout=out,
+                            stderr=subprocess.STDOUT, start_new_session=True)

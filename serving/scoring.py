@@ -16,6 +16,7 @@ import time
 from typing import NamedTuple
 
 import numpy as np
+import orjson
 from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import scoring_server
 
@@ -97,18 +98,33 @@ def predict_reply(model: LoadedModel, data: object) -> Reply:
         return error_reply(500, "The model's output could not be written as JSON")
 
 
+def load_json(body: bytes, exact_integers: bool = False) -> object:
+    """The parsed body, with orjson, which parses numbers several times faster than the json
+    module. What orjson refuses but the json module reads (NaN and Infinity, numbers beyond
+    a double's range, lone surrogates, nesting deeper than 1024 levels) and what neither
+    reads go to the json module, so those bodies keep their answers (NaN pixels get the
+    model's own 400) and their error messages. orjson reads integers beyond 64 bits as
+    floats: `exact_integers` (a signature of integers) takes the json module's instead."""
+    if not exact_integers:
+        try:
+            return orjson.loads(body)
+        except orjson.JSONDecodeError:
+            pass
+    return json.loads(body)
+
+
 def parse_json_body(model: LoadedModel, body: bytes, direct: bool = True) -> Reply | np.ndarray | None:
     """Check a JSON body before anything casts its values. A Reply (400) when it is not
     JSON or a value has the wrong JSON type; the `inputs` array in the signature's dtype
     when `direct` and the body is exactly `{"inputs": <tensor>}` for a numeric tensor
     signature; otherwise None, and MLflow's scoring app reads it."""
+    spec = model.input_spec
     try:
-        document = json.loads(body)
+        document = load_json(body, exact_integers=json_types.integer_tensor(spec))
     except (ValueError, RecursionError) as e:
         # ValueError covers malformed JSON, bad UTF-8 and integers too long to convert;
         # RecursionError absurdly deep nesting. MLflow's app would answer 500 for the last two.
         return error_reply(400, f"The body is not valid JSON: {type(e).__name__}: {e}")
-    spec = model.input_spec
     tensor_body = (
         direct and type(document) is dict and document.keys() == {"inputs"} and json_types.numeric_tensor(spec)
     )

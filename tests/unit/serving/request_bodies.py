@@ -53,6 +53,14 @@ VALID = [
     Body("inputs with params", _json({"inputs": PIXELS, "params": {}})),
     Body("inputs with labels", _json({"inputs": PIXELS, "labels": [3, 1]})),
     Body("inputs of integers", _json({"inputs": np.ones((1, 1, 28, 28), dtype=int).tolist()})),
+    # orjson, which parses bodies first, reads these differently from the json module
+    # MLflow's app uses (integers beyond 64 bits as floats) or not at all (lone surrogates):
+    # the answers must not differ.
+    Body("inputs with an integer beyond 64 bits", _json({"inputs": _with(2**64 + 1)})),
+    Body("inputs given twice (the last counts)",
+         b'{"inputs": ' + _json(PIXELS[:1]) + b', "inputs": ' + _json(PIXELS) + b"}"),
+    Body("inputs with a lone surrogate in labels", _json({"inputs": PIXELS, "labels": "\ud800"})),
+    Body("inputs pretty-printed", json.dumps({"inputs": PIXELS}, indent=1).encode()),
     Body("instances", _json({"instances": PIXELS})),
     Body("instances with params", _json({"instances": PIXELS, "params": {}})),
     # MLflow reads these formats as a DataFrame, which its schema enforcement refuses for
