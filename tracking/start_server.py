@@ -35,7 +35,8 @@ def auth_config_text(database_uri: str, cache_seconds: int) -> str:
         # Every API call checks a password hash, which costs tens of milliseconds of CPU;
         # remembering a successful check briefly makes polling clients (serving) cheap.
         # A password changed through the API is seen at once by the worker that took the
-        # change and by the others within this many seconds.
+        # change and by the others within this many seconds; so is a user's admin flag or
+        # deletion (auth_lookups.py keeps the user row as long). Grants are read every call.
         f"auth_cache_ttl_seconds = {cache_seconds}\n"
         # MLflow's basic auth behind a guard that answers malformed requests with a 4xx
         # where MLflow's permission checks would fail with a 500 (auth_guard.py).
