@@ -93,7 +93,12 @@ def create_app() -> ASGIApp:
     """The factory `mlflow server` hands to uvicorn, in every worker."""
     from mlflow.server.auth import create_app as basic_auth_app
 
-    return BodyLimit(basic_auth_app(), _limit())
+    from tracking import auth_lookups
+
+    app = basic_auth_app()
+    # The permission checks' repeated user and run lookups, remembered (auth_lookups.py).
+    auth_lookups.install()
+    return BodyLimit(app, _limit())
 
 
 def create_oidc_app() -> ASGIApp:

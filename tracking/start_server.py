@@ -20,22 +20,28 @@ def write_auth_config(conf: settings.Server) -> str:
     lives in the container's tmpfs with mode 600 and never in the image."""
     fd, path = tempfile.mkstemp(prefix="mlflow-auth-", suffix=".ini")
     with os.fdopen(fd, "w") as ini:
-        ini.write(
-            "[mlflow]\n"
-            # Nobody reads what they were not granted: mlflow-init grants each service account
-            # its own experiment and model, and the admin grants teammates theirs.
-            "default_permission = NO_PERMISSIONS\n"
-            f"database_uri = {conf.uri(conf.auth_db)}\n"
-            # Every API call checks a password hash, which costs tens of milliseconds of CPU;
-            # remembering a successful check briefly makes polling clients (serving) cheap.
-            # A password changed through the API is seen at once by the worker that took the
-            # change and by the others within this many seconds.
-            f"auth_cache_ttl_seconds = {conf.auth_cache_seconds}\n"
-            # MLflow's basic auth behind a guard that answers malformed requests with a 4xx
-            # where MLflow's permission checks would fail with a 500 (auth_guard.py).
-            "authorization_function = tracking.auth_guard:authenticate_request\n"
-        )
+        ini.write(auth_config_text(conf.uri(conf.auth_db), conf.auth_cache_seconds))
     return path
+
+
+def auth_config_text(database_uri: str, cache_seconds: int) -> str:
+    """The auth config's text: also what bench/auth_profile.py runs its local server with."""
+    return (
+        "[mlflow]\n"
+        # Nobody reads what they were not granted: mlflow-init grants each service account
+        # its own experiment and model, and the admin grants teammates theirs.
+        "default_permission = NO_PERMISSIONS\n"
+        f"database_uri = {database_uri}\n"
+        # Every API call checks a password hash, which costs tens of milliseconds of CPU;
+        # remembering a successful check briefly makes polling clients (serving) cheap.
+        # A password changed through the API is seen at once by the worker that took the
+        # change and by the others within this many seconds; so is a user's admin flag or
+        # deletion (auth_lookups.py keeps the user row as long). Grants are read every call.
+        f"auth_cache_ttl_seconds = {cache_seconds}\n"
+        # MLflow's basic auth behind a guard that answers malformed requests with a 4xx
+        # where MLflow's permission checks would fail with a 500 (auth_guard.py).
+        "authorization_function = tracking.auth_guard:authenticate_request\n"
+    )
 
 
 def prepare_single_sign_on(conf: settings.Server) -> None:
