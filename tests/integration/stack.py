@@ -6,6 +6,7 @@ and polls with deadlines instead of sleeping.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import socket
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import requests
+from mlflow import MlflowClient
 from python_on_whales import DockerClient
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -166,3 +168,19 @@ class Stack:
         return poll(f"serving to serve version {version}",
                     lambda: (s := self.serving_status()) and str(s.get("version")) == str(version) and s,
                     timeout)
+
+
+@contextlib.contextmanager
+def signed_in_as(stack: Stack, who: str):
+    """An MLflow client acting with one account's credentials (read from the environment)."""
+    names = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ.update(zip(names, stack.credentials(who)))
+    try:
+        yield MlflowClient(stack.mlflow_url)
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

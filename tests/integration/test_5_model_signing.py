@@ -4,15 +4,13 @@ can run: the old version keeps serving (or nothing, after a restart) and /status
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 from pathlib import Path
 
 import mlflow
 import requests
 from mlflow import MlflowClient
-from stack import Stack, poll
+from stack import Stack, poll, signed_in_as
 
 IMAGE = [[[0.0] * 28] * 28]
 # Written by the code of the refused model, inside the serving container, if it ever ran.
@@ -35,22 +33,6 @@ class Echo(mlflow.pyfunc.PythonModel):
 
 mlflow.models.set_model(Echo())
 """
-
-
-@contextlib.contextmanager
-def signed_in_as(stack: Stack, who: str):
-    """An MLflow client acting with one account's credentials (read from the environment)."""
-    names = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ.update(zip(names, stack.credentials(who)))
-    try:
-        yield MlflowClient(stack.mlflow_url)
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def holder(client: MlflowClient, stack: Stack) -> str:

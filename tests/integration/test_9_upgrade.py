@@ -17,7 +17,7 @@ import requests
 from mlflow import MlflowClient
 from mlflow.artifacts import download_artifacts
 from mlflow.server.auth.client import AuthServiceClient
-from stack import ROOT, Stack, free_port, write_env
+from stack import ROOT, Stack, free_port, signed_in_as, write_env
 
 PREVIOUS_MLFLOW = "3.16.1"
 TEAMMATE = "teammate"
@@ -45,28 +45,17 @@ def upgraded(images, tmp_path_factory) -> dict:
     previous = Stack(project=project, env_file=env_file, offline=offline, env=env,
                      extra_files=(ROOT / "tests/upgrade/compose.previous.yaml",))
     current = Stack(project=project, env_file=env_file, offline=offline, env=env)
-    # MLflow's client reads its credentials from the environment; the shared stack's come back after.
-    saved = {name: os.environ.get(name) for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")}
     try:
         previous.compose("up", "-d", "--wait", "--wait-timeout", "300")
-        client = admin(previous)
         assert server_mlflow_version(previous) == PREVIOUS_MLFLOW
-        write_data(previous, client)
-        before = snapshot(previous, client, workdir / "before")
+        with signed_in_as(previous, "admin") as client:
+            write_data(previous, client)
+            before = snapshot(previous, client, workdir / "before")
         current.compose("up", "-d", "--wait", "--wait-timeout", "300")
-        yield {"before": before, "stack": current, "client": admin(current), "workdir": workdir}
+        with signed_in_as(current, "admin") as client:
+            yield {"before": before, "stack": current, "client": client, "workdir": workdir}
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         current.compose("--profile", "train", "down", "--volumes", "--remove-orphans", check=False)
-
-
-def admin(stack: Stack) -> MlflowClient:
-    os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = stack.credentials("admin")
-    return MlflowClient(stack.mlflow_url)
 
 
 def server_mlflow_version(stack: Stack) -> str:
