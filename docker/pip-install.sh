@@ -1,8 +1,8 @@
 #!/bin/sh
 # pip install against the stack's pins. When the build was given an extra CA bundle (a
 # BuildKit secret, for TLS-inspecting proxies), pip trusts it for this one call only: the
-# bundle is read from the secret mount and a combined copy lives in a temp dir removed below,
-# so no layer ever holds it.
+# bundle is read from the secret mount and a combined copy lives in a temp dir removed on
+# exit, so no layer ever holds it. (No `exec` below: it would skip the removal.)
 set -eu
 extra=/run/secrets/ca_bundle
 if [ -s "$extra" ]; then
@@ -12,4 +12,4 @@ if [ -s "$extra" ]; then
   cat /etc/ssl/certs/ca-certificates.crt "$extra" >"$tmp/ca.pem"
   export PIP_CERT="$tmp/ca.pem"
 fi
-exec pip install --disable-pip-version-check --no-input -c /opt/requirements/constraints.txt "$@"
+pip install --disable-pip-version-check --no-input -c /opt/requirements/constraints.txt "$@"
