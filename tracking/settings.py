@@ -70,6 +70,22 @@ class DatabaseInit(Postgres):
                              "as a role of its own, never as the superuser")
         return self
 
+    # Sweeps keep their Optuna study in a database of their own, under a role that owns it
+    # and nothing else: the sweep workers hold that role, never the tracking server's.
+    optuna_user: str = Field("optuna", alias="OPTUNA_DB_USER", min_length=1,
+                             description="the role sweep workers log in as")
+    optuna_password: SecretStr = Field(alias="OPTUNA_DB_PASSWORD", description="that role's password")
+    optuna_db: str = Field("optuna", alias="OPTUNA_DB", min_length=1, description="the sweeps' study database")
+
+    @model_validator(mode="after")
+    def _optuna_apart(self) -> DatabaseInit:
+        if self.optuna_user in (self.user, self.superuser):
+            raise ValueError("OPTUNA_DB_USER must differ from MLFLOW_DB_USER and POSTGRES_USER: sweep workers "
+                             "get a role of their own")
+        if self.optuna_db in (*Postgres.databases(self), "postgres"):
+            raise ValueError("OPTUNA_DB must name a database of its own")
+        return self
+
     def superuser_params(self, database: str) -> dict[str, Any]:
         return {**self.params(database), "user": self.superuser,
                 "password": self.superuser_password.get_secret_value()}
