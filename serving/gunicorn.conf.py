@@ -9,6 +9,7 @@ import sys
 
 # Every top-level name here that matches a gunicorn setting is read as one, hence the alias.
 from serving import config as serving_config
+from serving import metrics_files
 
 try:
     _settings = serving_config.from_env()
@@ -48,3 +49,12 @@ errorlog = "-"
 loglevel = "info"
 # One line per request costs throughput; the version header tells clients what answered.
 accesslog = None
+
+
+# Prometheus values of all workers live in PROMETHEUS_MULTIPROC_DIR (serving/metrics.py).
+def on_starting(server: object) -> None:
+    metrics_files.reset()
+
+
+def child_exit(server: object, worker: object) -> None:
+    metrics_files.forget_worker(worker.pid)
