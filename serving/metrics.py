@@ -160,10 +160,12 @@ def start_memory_sampler() -> None:
             return
         _sampler_pid = os.getpid()
 
+        _sample_memory()  # a worker's first figure is there from its start
+
         def sample() -> None:
             while True:
-                _sample_memory()
                 time.sleep(MEMORY_SAMPLE_SECONDS)
+                _sample_memory()
 
         threading.Thread(target=sample, name="memory-sampler", daemon=True).start()
 
