@@ -169,6 +169,17 @@ def test_container_process_waits_serves_follows_and_stops(registry, server):
     assert found[("serving_model_swaps_total", ())] == 4  # two versions, two workers
     assert found[("serving_requests_in_flight", ())] == 0
 
+    # A worker that dies is replaced; its gauges go with it (gunicorn's child_exit hook), its
+    # counts stay.
+    dead = sorted(per_worker(found, "serving_model_version"))[0]
+    os.kill(int(dead), signal.SIGKILL)
+    after = wait_until(lambda: (f := scrape(base)) and len(per_worker(f, "serving_model_version")) == 2
+                       and dead not in per_worker(f, "serving_model_version") and f,
+                       timeout=60, what="a new worker in place of the killed one")
+    assert dead not in per_worker(after, "serving_worker_resident_memory_bytes")
+    assert after[("serving_model_swaps_total", ())] >= 4
+    assert after[("serving_requests_total", (("code", "200"), ("version", "2")))] >= answered["2"]
+
     # A body over SERVING_MAX_BODY_BYTES (8 MiB) is refused, and the client reads the 413.
     big = requests.post(invocations, data=b"0" * 10_000_000, headers=JSON, timeout=30)
     assert big.status_code == 413
