@@ -44,7 +44,7 @@ MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 # Resident memory is sampled this often per worker (a scrape reaches one worker only).
 MEMORY_SAMPLE_SECONDS = 5.0
 
-# One image scores in about a millisecond; a large batch or a swap under load takes seconds.
+# From one image on the direct path (milliseconds) to a large batch or a swap under load (seconds).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 LOAD_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
