@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from serving import config, scoring
+from serving import config, metrics, scoring
 from serving.model_store import LoadedModel
 from serving.scoring import Reply, error_reply
 from serving.watcher import AliasWatcher
@@ -162,6 +162,7 @@ class ServingApp:
             _configure_logging()
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="scoring")
             self.watcher.start()
+            metrics.start_memory_sampler()
 
     def stop(self) -> None:
         self.watcher.stop()
@@ -198,8 +199,12 @@ class ServingApp:
         path = scope["path"]
         method = scope["method"]
         if path == "/invocations" and method == "POST":
-            return await self._invocations(model, scope, receive, send)
+            return await metrics.measure_invocation(
+                lambda receive, send: self._invocations(model, scope, receive, send), receive, send)
         if method in ("GET", "HEAD"):
+            if path == "/metrics":
+                return await metrics.send_metrics(self.settings.metrics_token, _header(scope, b"authorization"),
+                                                  send, model.headers if model is not None else self._name_header)
             if path in ("/ping", "/health"):
                 state = "serving" if model is not None else "waiting"
                 return await self._send(send, Reply(200, b'{"state": "%s"}' % state.encode()), model)
@@ -272,6 +277,7 @@ class ServingApp:
             direct = self.settings.direct_path
             if len(body) <= INLINE_MAX_BYTES:
                 data = scoring.parse_json_body(model, body, direct)
+                metrics.request_rows(data)
                 if data is None or isinstance(data, Reply):
                     reply = data
                 elif self._batcher is not None and model.batchable:
@@ -280,7 +286,8 @@ class ServingApp:
                     reply = scoring.predict_reply(model, data)
             else:
                 loop = asyncio.get_running_loop()
-                reply = await loop.run_in_executor(self._executor, scoring.score_json, model, body, direct)
+                reply = await loop.run_in_executor(self._executor, scoring.score_json, model, body, direct,
+                                                   metrics.request_rows)
             if reply is not None:
                 return await self._send(send, reply, model)
         await self._forward(model, scope, receive, send, body)
