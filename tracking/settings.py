@@ -171,6 +171,8 @@ class Accounts(Admin):
     trainer_password: SecretStr = Field(alias="TRAINER_PASSWORD", description="its password")
     serving_username: str = Field(alias="SERVING_USERNAME", min_length=1, description="serving's account")
     serving_password: SecretStr = Field(alias="SERVING_PASSWORD", description="its password")
+    monitoring_password: SecretStr = Field(alias="MONITORING_PASSWORD",
+                                           description="the password Prometheus reads /metrics with")
     experiment_name: str = Field(alias="EXPERIMENT_NAME", min_length=1, description="the trainer's experiment")
     model_name: str = Field(alias="MODEL_NAME", min_length=1, description="the registered model")
 
