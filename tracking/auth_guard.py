@@ -48,6 +48,23 @@ _METHODS_WITH_JSON_BODIES = frozenset({"POST", "PATCH", "DELETE"})
 _CREATE_PATHS = frozenset(f"/{prefix}/2.0/mlflow/{what}/create" for prefix in ("api", "ajax-api")
                           for what in ("experiments", "registered-models"))
 _CREATORS = frozenset(filter(None, (n.strip() for n in os.environ.get("MLFLOW_CREATORS", "").split(","))))
+_METRICS_READERS = frozenset(filter(None, (n.strip() for n in os.environ.get("MLFLOW_METRICS_READERS", "").split(","))))
+METRICS_PATH = "/metrics"
+
+
+def allow_metrics_readers() -> None:
+    """MLflow 3.17 refuses non-admins every route that has no permission check of its own
+    (fail-closed), and --expose-prometheus's /metrics has none: this gives it one that lets
+    the accounts in MLFLOW_METRICS_READERS (Prometheus's) read it, and nobody else."""
+    validators = getattr(auth, "BEFORE_REQUEST_VALIDATORS", None)
+    if validators is None:
+        print("[tracking] this MLflow has no BEFORE_REQUEST_VALIDATORS: /metrics is for admins only", flush=True)
+        return
+    validators[(METRICS_PATH, "GET")] = _may_read_metrics
+
+
+def _may_read_metrics() -> bool:
+    return g.get("mlflow_authenticated_user") in _METRICS_READERS
 
 
 def authenticate_request() -> Response | Authorization | None:

@@ -93,11 +93,12 @@ def create_app() -> ASGIApp:
     """The factory `mlflow server` hands to uvicorn, in every worker."""
     from mlflow.server.auth import create_app as basic_auth_app
 
-    from tracking import auth_lookups
+    from tracking import auth_guard, auth_lookups
 
     app = basic_auth_app()
     # The permission checks' repeated user and run lookups, remembered (auth_lookups.py).
     auth_lookups.install()
+    auth_guard.allow_metrics_readers()
     return BodyLimit(app, _limit())
 
 

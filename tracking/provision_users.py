@@ -24,9 +24,7 @@ from mlflow.exceptions import MlflowException, RestException
 from mlflow.server import get_app_client
 
 from tracking import settings
-
-# Fixed, like the name in monitoring/prometheus.yml: Prometheus expands no variables there.
-MONITORING_USERNAME = "monitoring"
+from tracking.settings import MONITORING_USERNAME
 
 if TYPE_CHECKING:
     from mlflow.server.auth.client import AuthServiceClient

@@ -23,6 +23,10 @@ if TYPE_CHECKING:
 __all__ = ["Accounts", "AdminReset", "BucketInit", "ConfigError", "DatabaseInit", "S3", "Server", "ServiceAccounts",
            "SingleSignOn", "load", "log"]
 
+# Prometheus's account: fixed, like the name in monitoring/prometheus.yml, where Prometheus
+# expands no variables.
+MONITORING_USERNAME = "monitoring"
+
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 
 from tracking import reset_admin, settings, upgrade_schema
+from tracking.settings import MONITORING_USERNAME
 
 
 def write_auth_config(conf: settings.Server) -> str:
@@ -110,6 +111,8 @@ def main() -> None:
     # Read by body_limit.py in every worker: bodies above it get 413 before they are read.
     # Read by auth_guard: who besides MLflow admins may create experiments and models.
     os.environ["MLFLOW_CREATORS"] = conf.creator
+    # Read by auth_guard: who besides MLflow admins may read /metrics (Prometheus's account).
+    os.environ["MLFLOW_METRICS_READERS"] = MONITORING_USERNAME
     os.environ["MLFLOW_MAX_BODY_BYTES"] = str(conf.max_body_bytes)
     origins = conf.cors_origins
     args = [

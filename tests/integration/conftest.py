@@ -50,6 +50,7 @@ def stack(images, tmp_path_factory) -> Stack:
         "COMPOSE_PROJECT_NAME": project,
         "MLFLOW_PORT": str(free_port()),
         "SERVING_PORT": str(free_port()),
+        "PROMETHEUS_PORT": str(free_port()),
         "ALIAS_POLL_SECONDS": "1",
         # Small enough that a test can send a body over it for real.
         "MLFLOW_MAX_BODY_SIZE": "64m",
@@ -62,13 +63,15 @@ def stack(images, tmp_path_factory) -> Stack:
     finally:
         if _failed:
             # Straight to the terminal and to a file: pytest captures prints made in teardown.
-            logs = stack.compose("--profile", "train", "logs", "--no-color", "--timestamps", check=False).stdout
+            logs = stack.compose("--profile", "train", "--profile", "monitoring", "logs", "--no-color",
+                                 "--timestamps", check=False).stdout
             saved = ROOT / "tests/artifacts/compose-logs.txt"
             saved.parent.mkdir(parents=True, exist_ok=True)
             saved.write_text(logs)
             sys.__stderr__.write(f"\n===== docker compose logs, last lines (all of them in {saved}) =====\n"
                                  + logs[-40000:] + "\n")
-        stack.compose("--profile", "train", "down", "--volumes", "--remove-orphans", check=False)
+        stack.compose("--profile", "train", "--profile", "monitoring", "down", "--volumes", "--remove-orphans",
+                      check=False)
 
 
 

@@ -82,3 +82,16 @@ def test_only_admins_and_the_trainer_create(path, monkeypatch):
         assert (answer is login) == allowed, name
         if not allowed:
             assert answer.status_code == 403
+
+
+@pytest.mark.parametrize("user, allowed", [("monitoring", True), ("trainer", False), (None, False)])
+def test_metrics_are_for_the_listed_readers_only(monkeypatch, user, allowed):
+    validators: dict = {}
+    monkeypatch.setattr(auth_guard.auth, "BEFORE_REQUEST_VALIDATORS", validators, raising=False)
+    monkeypatch.setattr(auth_guard, "_METRICS_READERS", frozenset({"monitoring"}))
+    auth_guard.allow_metrics_readers()
+    with Flask(__name__).test_request_context("/metrics"):
+        from flask import g
+        if user is not None:
+            g.mlflow_authenticated_user = user
+        assert validators[("/metrics", "GET")]() is allowed

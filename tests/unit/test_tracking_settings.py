@@ -8,7 +8,8 @@ from tracking import settings
 
 ENV = {
     "POSTGRES_DB": "mlflow", "MLFLOW_DB_USER": "mlflow_app", "MLFLOW_DB_PASSWORD": "p@ss/word",
-    "POSTGRES_USER": "postgres", "POSTGRES_PASSWORD": "root", "OPTUNA_DB_PASSWORD": "o", "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask",
+    "POSTGRES_USER": "postgres", "POSTGRES_PASSWORD": "root", "OPTUNA_DB_PASSWORD": "o",
+    "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask",
     "S3_BUCKET": "mlflow", "AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret",
     "MLFLOW_ADMIN_USERNAME": "admin", "MLFLOW_ADMIN_PASSWORD": "admin-pw", "TRAINER_USERNAME": "trainer",
     "TRAINER_PASSWORD": "t", "SERVING_USERNAME": "serving", "SERVING_PASSWORD": "s",
