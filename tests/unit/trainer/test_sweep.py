@@ -10,8 +10,9 @@ import sys
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
+from optuna.trial import TrialState
 
-from trainer import search_space, sweep
+from trainer import search_space, study, sweep
 
 STUDY = "fashion-sweep"
 GOOD = {"lr": 3e-3, "batch_size": 32, "optimizer": "adamw", "lr_schedule": "constant", "arch": "small-cnn"}
@@ -82,10 +83,14 @@ def test_a_second_run_continues_the_study_and_registers_only_a_new_best(store, s
     queued.enqueue_trial(GOOD)
     assert run_sweep("--trials", "1")[0] == 0
 
+    # A worker stopped mid-trial leaves it failed; failed trials do not count towards the budget.
+    stopped = queued.ask()
+    queued.tell(stopped, state=TrialState.FAIL)
     queued.enqueue_trial(POOR)  # cannot beat the first, so no second version
     code, out, err = run_sweep("--trials", "2")
     assert code == 0, err
-    assert "this worker ran 1" in out and "trial 1: " in out and "trial 0: " not in out
+    assert "1 of 2 trials finished; running the rest" in out
+    assert "this worker ran 1" in out and "trial 2: " in out and "trial 0: " not in out
     client = MlflowClient()
     parents, children = trial_runs(client)
     assert len(parents) == 1 and len(children) == 2
@@ -97,6 +102,19 @@ def test_a_second_run_continues_the_study_and_registers_only_a_new_best(store, s
     assert code == 0 and "this worker ran 0" in out
     assert len(trial_runs(client)[1]) == 2
     assert [str(v.version) for v in client.search_model_versions("name = 'fashion-mnist-cnn'")] == ["1"]
+
+
+def test_each_claim_goes_to_one_worker_and_trials_past_the_budget_stand_down(storage):
+    shared = study.open_storage(storage)
+    assert study.claim(shared, "s:registration:trial-3") is True
+    assert study.claim(study.open_storage(storage), "s:registration:trial-3") is False  # another worker
+    study.release(shared, "s:registration:trial-3")
+    assert study.claim(shared, "s:registration:trial-3") is True
+
+    sweep_study = study.load_or_create(shared, "s", sampler_seed=0)
+    first, second, third = sweep_study.ask(), sweep_study.ask(), sweep_study.ask()  # three workers at once
+    sweep_study.tell(first, state=TrialState.FAIL)
+    assert [study.slot(sweep_study, t.number) for t in (second, third)] == [0, 1]  # budget 1: only `second` runs
 
 
 @pytest.mark.parametrize(("args", "line"), [
