@@ -63,6 +63,7 @@ class Worker:
         self.tracking_uri, self.splits, self.parent_run_id = tracking_uri, splits, parent_run_id
         self.ran: list[int] = []
         self.failed = 0
+        self.failure = ""
 
     def objective(self, trial: optuna.Trial) -> float:
         if study.slot(self.sweep, trial.number) >= self.options.trials:
@@ -71,7 +72,11 @@ class Worker:
         params = search_space.suggest(trial)
         say(f"trial {trial.number}: {shown(params)}")
         conf = dataclasses.replace(self.options.conf, **params, run_name=f"{self.options.study}-trial-{trial.number}")
-        return sweep_runs.run_trial(trial, conf, self.tracking_uri, self.splits, self.parent_run_id)
+        try:
+            return sweep_runs.run_trial(trial, conf, self.tracking_uri, self.splits, self.parent_run_id)
+        except loop.TrainingDiverged as error:
+            self.failure = str(error)
+            raise
 
     def work(self) -> None:
         """Run trials until the study's budget is finished, here or elsewhere."""
@@ -96,7 +101,8 @@ class Worker:
             if len(self.ran) == ran_before:
                 continue  # stood down: the budget was taken meanwhile
             trial = self.sweep.trials[self.ran[-1]]
-            say(f"trial {trial.number}: {outcome(trial)}")
+            say(f"trial {trial.number}: {outcome(trial)}" + (f" ({self.failure})" if self.failure else ""))
+            self.failure = ""
             if trial.state == TrialState.FAIL:
                 self.failed += 1
                 if self.failed >= budget:
@@ -138,7 +144,9 @@ class Worker:
 
 def run(options: Options) -> int:
     """Run this worker's share of the sweep; return the process exit status."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    # Each trial's outcome is one line of ours; Optuna's own would add a traceback for a
+    # trial stopped by a signal.
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         storage = study.open_storage(options.storage)
     except study.StorageUnavailable as error:

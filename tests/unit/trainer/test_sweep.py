@@ -5,14 +5,17 @@ The first trials are queued through Optuna's own enqueue_trial, so which trial i
 poor (plain SGD at the lowest rate, two steps an epoch) does not depend on the sampler.
 """
 
+import os
+import signal
 import sys
 
+import mlflow
 import optuna
 import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from trainer import search_space, study, sweep
+from trainer import search_space, study, sweep, tracking
 
 STUDY = "fashion-sweep"
 GOOD = {"lr": 3e-3, "batch_size": 32, "optimizer": "adamw", "lr_schedule": "constant", "arch": "small-cnn"}
@@ -102,6 +105,39 @@ def test_a_second_run_continues_the_study_and_registers_only_a_new_best(store, s
     assert code == 0 and "this worker ran 0" in out
     assert len(trial_runs(client)[1]) == 2
     assert [str(v.version) for v in client.search_model_versions("name = 'fashion-mnist-cnn'")] == ["1"]
+
+
+def test_a_stopped_sweep_continues_where_it_stopped(store, storage, run_sweep, monkeypatch):
+    queued = optuna.create_study(study_name=STUDY, storage=storage, direction="maximize")
+    for params in (GOOD, {**GOOD, "lr": 1e-2}, {**GOOD, "lr": 2e-3}):
+        queued.enqueue_trial(params)
+    log = tracking.MetricLogger.log
+
+    def log_then_signal(self, metrics, step):
+        log(self, metrics, step)
+        # At the end of trial 1's first epoch (its train metrics; the eval metrics share the step).
+        if mlflow.active_run().info.run_name == f"{STUDY}-trial-1" and step == 16 and "train_loss" in metrics:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(tracking.MetricLogger, "log", log_then_signal)
+    code, out, err = run_sweep("--trials", "2")
+    assert code == 143
+    assert err.strip().splitlines()[-1] == ("sweep stopped; the interrupted trial is marked failed and will be "
+                                            "run again: run the same command to continue")
+    assert "Traceback" not in err
+    client = MlflowClient()
+    stopped = trial_runs(client)[1][1]
+    assert (stopped.info.status, stopped.data.tags["sweep_state"]) == ("KILLED", "interrupted")
+    assert [t.state for t in queued.get_trials()] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.WAITING]
+    assert client.search_model_versions("name = 'fashion-mnist-cnn'") == []
+
+    monkeypatch.setattr(tracking.MetricLogger, "log", log)
+    code, out, err = run_sweep("--trials", "2")
+    assert code == 0, err
+    assert "1 of 2 trials finished; running the rest" in out and "this worker ran 1" in out
+    assert [t.state for t in queued.get_trials()] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.COMPLETE]
+    assert len(trial_runs(client)[1]) == 3
+    assert out.strip().splitlines()[-2] == "version: 1"
 
 
 def test_each_claim_goes_to_one_worker_and_trials_past_the_budget_stand_down(storage):
