@@ -8,6 +8,7 @@ trainer/search_space.py; `--help` prints it.
 """
 
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from trainer.config import Config, ConfigError
 
 PROG = "python -m trainer.sweep"
 STORAGE_SCHEMES = ("sqlite", "postgresql", "mysql")
+# Study names go into MLflow search filters and the names of the study's claims.
+STUDY_NAME = re.compile(r"^[\w.-]{1,100}$")
 # Trainer flags the sweep chooses per trial, or that have no meaning for a trial.
 NOT_FLAGS = {dimension.name for dimension in search_space.SPACE} | {"no_tracking", "run_name", "resume_from"}
 
@@ -36,7 +39,8 @@ class StorageUrl(config.Checked):
 
 
 SWEEP_SETTINGS = (
-    config.Setting("--study", "SWEEP_STUDY", type=config.Name(200), default="fashion-mnist-sweep",
+    config.Setting("--study", "SWEEP_STUDY", default="fashion-mnist-sweep",
+                   type=config.Matching("name", STUDY_NAME, "1 to 100 letters, digits, '.', '_' or '-'"),
                    help="Optuna study name; workers with the same name share its trials"),
     config.Setting("--trials", "SWEEP_TRIALS", type=click.IntRange(1, 10_000), default=20,
                    help="trials the study runs in total, counting those finished before (complete or pruned)"),

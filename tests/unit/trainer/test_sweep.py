@@ -157,6 +157,7 @@ def test_each_claim_goes_to_one_worker_and_trials_past_the_budget_stand_down(sto
     (("--trials", "0"), "--trials must be an integer from 1 to 10000, got '0'"),
     (("--trials", "-3"), "--trials must be an integer from 1 to 10000, got '-3'"),
     (("--parallel", "2"), "No such option '--parallel'"),
+    (("--study", "it's mine"), "--study must be 1 to 100 letters, digits, '.', '_' or '-', got \"it's mine\""),
     (("--storage", "redis://localhost"), "--storage must be a database URL such as sqlite:///optuna.db"),
 ])
 def test_bad_input_is_one_line_and_starts_nothing(store, storage, run_sweep, tmp_path, args, line):
