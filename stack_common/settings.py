@@ -10,9 +10,10 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Mapping
 from typing import TypeVar
+from urllib.parse import quote
 
 import annotated_types
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic.fields import FieldInfo
 
 
@@ -28,6 +29,24 @@ class EnvSettings(BaseModel):
 
 
 Settings = TypeVar("Settings", bound=EnvSettings)
+
+
+class SweepDatabase(EnvSettings):
+    """The Postgres database that holds Optuna's studies, and the role that owns it.
+
+    Declared here because two programs read it: the database set-up creates the role and the
+    database, and every sweep worker connects with them."""
+
+    host: str = Field("postgres", alias="POSTGRES_HOST", min_length=1, description="Postgres host")
+    port: int = Field(5432, alias="POSTGRES_PORT", ge=1, le=65535, description="Postgres port")
+    database: str = Field("optuna", alias="OPTUNA_DB", min_length=1, description="the studies' database")
+    user: str = Field("optuna", alias="OPTUNA_DB_USER", min_length=1, description="the role sweeps log in as")
+    password: SecretStr = Field(alias="OPTUNA_DB_PASSWORD", description="that role's password")
+
+    def uri(self) -> str:
+        user, password = quote(self.user, safe=""), quote(self.password.get_secret_value(), safe="")
+        # psycopg2 named explicitly: SQLAlchemy's bare "postgresql" now means psycopg 3.
+        return f"postgresql+psycopg2://{user}:{password}@{self.host}:{self.port}/{quote(self.database, safe='')}"
 
 
 def _bounds(field: FieldInfo) -> tuple[object, object]:

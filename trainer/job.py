@@ -39,8 +39,14 @@ def git_commit() -> str | None:
 
 def fit(state: TrainingState, train_split: data.Split, test_split: data.Split, conf: Config,
         logger: tracking.MetricLogger | tracking.NoLogger, stop: Callable[[], bool],
-        on_epoch_end: Callable[[TrainingState], None] = lambda state: None) -> dict[str, Any] | None:
-    """Train until conf.epochs are complete; return the last evaluation (None if none was left to do)."""
+        on_epoch_end: Callable[[TrainingState], None] = lambda state: None,
+        on_evaluation: Callable[[int, dict[str, Any]], None] = lambda epoch, evaluation: None,
+        ) -> dict[str, Any] | None:
+    """Train until conf.epochs are complete; return the last evaluation (None if none was left to do).
+
+    on_evaluation(epoch, evaluation) follows each epoch's checkpoint; a sweep reports the
+    accuracy there and may end a hopeless trial by raising.
+    """
     progress = state.progress
     steps = data.steps_per_epoch(len(train_split), conf.batch_size)
 
@@ -65,6 +71,7 @@ def fit(state: TrainingState, train_split: data.Split, test_split: data.Split, c
         say(f"epoch {progress.epoch}/{conf.epochs}  eval_loss {evaluation['loss']:.4f}  "
             f"eval_accuracy {evaluation['accuracy']:.4f}  {seconds:.1f} s")
         on_epoch_end(state)
+        on_evaluation(progress.epoch, evaluation)
     seconds = time.perf_counter() - fit_started
     # Everything between the first step and the last checkpoint counts: evaluation,
     # logging and checkpoints included. The benchmark reads this line.

@@ -1,8 +1,8 @@
 """How a tracked run starts and ends: stop signals, checkpoints, and an honest final status.
 
 FINISHED when the block completes; KILLED on SIGINT/SIGTERM, after a checkpoint of a
-consistent state is saved (a second signal stops at once); FAILED on any error, which then
-goes on to the caller.
+consistent state is saved (a second signal stops at once), or on EndedEarly, which goes on to
+the caller; FAILED on any other error, which goes on too.
 """
 
 import signal
@@ -26,6 +26,11 @@ def say(message: str = "") -> None:
 
 def warn(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+class EndedEarly(Exception):
+    """Raised inside a tracked run to stop it on purpose (a pruned sweep trial): the run is
+    marked KILLED, not FAILED, and the exception goes on to the caller."""
 
 
 class StopSignals:
@@ -86,8 +91,8 @@ class TrackedRun:
 @contextmanager
 def tracked_run(conf: Config, tracking_uri: str, state: loop.TrainingState, tags: dict[str, str],
                 resumed: bool) -> Iterator[TrackedRun]:
-    """Start a run; on leaving, end it FINISHED, KILLED (run.stopped_status set, no exception)
-    or FAILED (the exception goes on)."""
+    """Start a run; on leaving, end it FINISHED, KILLED (run.stopped_status set, no exception;
+    or EndedEarly, which goes on) or FAILED (the exception goes on)."""
     experiment = mlflow.set_experiment(conf.experiment_name)
     system_metrics = tracking.system_metrics_available()
     if not system_metrics:
@@ -109,6 +114,9 @@ def tracked_run(conf: Config, tracking_uri: str, state: loop.TrainingState, tags
         except loop.StopRequested:
             status = "KILLED"
             run.save_before_stopping(state, conf)
+        except EndedEarly:
+            status = "KILLED"
+            raise
         except KeyboardInterrupt:
             status, at_once = "KILLED", True
         finally:
