@@ -54,9 +54,9 @@ def server(registry, tmp_path):
             proc.wait(10)
 
 
-def healthy(env):
+def healthy(env, *flags):
     check = subprocess.run(
-        [sys.executable, "-m", "serving.healthcheck"], env=env, capture_output=True, timeout=10
+        [sys.executable, "-m", "serving.healthcheck", *flags], env=env, capture_output=True, timeout=10
     )
     return check.returncode == 0
 
@@ -85,6 +85,7 @@ def test_container_process_waits_serves_follows_and_stops(registry, server):
 
     # Up and healthy before any model exists, saying what it waits for.
     wait_until(lambda: healthy(env), timeout=60, interval=0.2, what="healthcheck to pass")
+    assert not healthy(env, "--serving")  # ready to take over from another container: not yet
     waiting = requests.post(invocations, data=ONE_IMAGE_BODY, headers=JSON, timeout=10)
     assert waiting.status_code == 503
     assert f"waiting for {name}@production" in waiting.json()["message"]
@@ -95,7 +96,7 @@ def test_container_process_waits_serves_follows_and_stops(registry, server):
 
     registry.point(name, 1)
     wait_until(lambda: consecutive(invocations, "1", 20), timeout=60, what="both workers on v1")
-    assert healthy(env)
+    assert healthy(env) and healthy(env, "--serving")
     status = requests.get(f"{base}/status", timeout=10).json()
     assert status["state"] == "serving" and status["torch_threads"] == 1
 
