@@ -167,3 +167,27 @@ def test_nonsense_settings_fail_at_start_with_one_line(registry, setting, value,
     run = subprocess.run([sys.executable, "-m", "serving"], env=env, capture_output=True, text=True, timeout=30)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [line]
+
+
+def test_a_restarted_container_answers_from_its_cache_while_the_registry_is_down(registry, server, tmp_path):
+    proc, base, name, env, log_path = server
+    invocations = f"{base}/invocations"
+    registry.point(name, 1)
+    wait_until(lambda: healthy(env, "--serving"), timeout=60, interval=0.2, what="version 1 served")
+    wait_until(lambda: consecutive(invocations, "1", 20), timeout=60, what="both workers on v1")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+
+    # The same cache (the volume), and a tracking server that does not answer at all.
+    down = {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
+    with open(tmp_path / "restarted.log", "wb") as log:
+        restarted = subprocess.Popen([sys.executable, "-m", "serving"], env=down, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: healthy(down, "--serving"), timeout=60, interval=0.2, what="serving from the cache")
+        wait_until(lambda: consecutive(invocations, "1", 20), timeout=60, what="both workers on cached v1")
+        status = requests.get(f"{base}/status", timeout=10).json()
+        assert status["warm_started_version"] == "1" and status["alias_version"] is None
+    finally:
+        os.killpg(restarted.pid, signal.SIGKILL)
+        restarted.wait(10)
