@@ -16,7 +16,9 @@ when the challenger's error rate or p99 latency is worse than production's by mo
 the settings allow. Aborting is local and needs no registry write (serving keeps READ on
 the model): the worker stops routing to that version, says why on /status and in the log,
 and leaves a marker in the cache directory that the other workers of the container (and
-a restart) read. The operator ends the rollout in the registry with `registry_cli abort`.
+a restart) read. The operator ends the rollout in the registry with `registry_cli abort`,
+which sets `rollout.mode` to `ended` (EDIT on the model suffices; serving then drops the
+challenger) and removes the alias where its account may (MANAGE).
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ log = logging.getLogger("serving")
 MODE_TAG = "rollout.mode"
 PERCENT_TAG = "rollout.percent"
 MODES = ("canary", "shadow")
+ENDED = "ended"  # registry_cli abort/promote end a rollout with this mode, alias removed or not
 # Samples kept per version, whatever the window: bounds memory and the cost of a p99.
 MAX_SAMPLES = 4096
 # The abort markers other workers leave are looked for at most this often per worker.
@@ -165,7 +168,8 @@ class Rollout:
         self.production = production
         self.watcher = AliasWatcher(settings.model_copy(update={"model_alias": settings.challenger_alias}),
                                     registry=registry, store=store, optional=True,
-                                    pinned=lambda: self._path_of(production))
+                                    pinned=lambda: self._path_of(production),
+                                    accept=lambda ref: ref.tags.get(MODE_TAG) != ENDED)
         production.pinned = lambda: self._path_of(self.watcher)
         self.sampler = random.Random(seed)  # draws which requests the challenger gets; event loop only
         self._lock = threading.Lock()

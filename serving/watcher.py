@@ -89,15 +89,18 @@ class AliasWatcher:
     challenger): its absence is quiet, and removing it stops serving its version.
     `warm_start`: before the first look at the registry, serve the version this alias
     last served from the cache, and remember each version switched to. `pinned`: cache
-    paths that pruning must keep (the other watcher's model)."""
+    paths that pruning must keep (the other watcher's model). `accept`: whether a version
+    the alias names is to be served at all; an optional alias on one that is not counts as unset."""
 
     def __init__(self, settings: Settings, registry: MlflowClient | None = None,
                  store: ModelStore | None = None, *, optional: bool = False, warm_start: bool = False,
-                 pinned: Callable[[], set[str]] | None = None) -> None:
+                 pinned: Callable[[], set[str]] | None = None,
+                 accept: Callable[[VersionRef], bool] | None = None) -> None:
         self.settings = settings
         self.optional = optional
         self.warm_start = warm_start
         self.pinned = pinned or set
+        self.accept = accept
         self.alias_tags: dict[str, str] = {}  # tags of the version the alias points at, as last read
         self.warm_started_version: str | None = None
         self.current: LoadedModel | None = None  # LoadedModel being served; replaced whole, never mutated
@@ -227,6 +230,8 @@ class AliasWatcher:
             log.info("tracking server at %s answers again", redact(s.tracking_uri))
             self._registry_errors = 0
             self._error_log.reset()
+        if self.optional and self.accept is not None and not self.accept(target):
+            return self._alias_missing("the version it names is not to be served")
         self.alias_version = target.version
         self.alias_tags = target.tags
 
@@ -255,8 +260,8 @@ class AliasWatcher:
         if self.optional:
             # Nothing to wait for: no challenger is the usual state.
             if self.current is not None:
-                log.info("%s no longer names a version: version %s is not served any more",
-                         self._wanted(), self.current.ref.version)
+                log.info("%s: %s; version %s is not served any more", self._wanted(), reason,
+                         self.current.ref.version)
             self.current = None
             self._failures = {}
             self._set_error(None)

@@ -23,6 +23,7 @@ HISTORY_LIMIT = 100
 # What serving reads from the challenger version: how it is rolled out and to what share.
 ROLLOUT_MODE_TAG = "rollout.mode"
 ROLLOUT_PERCENT_TAG = "rollout.percent"
+ROLLOUT_ENDED = "ended"  # the mode of a version whose rollout is over; serving routes nothing to it
 
 
 class RegistryError(Exception):
@@ -196,26 +197,39 @@ def start_rollout(name: str, alias: str, challenger_alias: str, version: str, mo
     client.set_model_version_tag(name, target.version, ROLLOUT_PERCENT_TAG, f"{percent:g}")
     client.set_model_version_tag(name, target.version, "rollout.started_at", now())
     client.set_registered_model_alias(name, challenger_alias, target.version)
-    if previous is not None and str(previous.version) != str(target.version):
+    ended = previous is None or (previous.tags or {}).get(ROLLOUT_MODE_TAG) == ROLLOUT_ENDED
+    if not ended and str(previous.version) != str(target.version):
         client.set_model_version_tag(name, previous.version, "rollout.outcome", f"replaced by version {version}")
         return str(previous.version)
     return None
 
 
-def abort_rollout(name: str, challenger_alias: str) -> str:
-    """Remove the challenger alias: production answers everything again; return its version."""
+def abort_rollout(name: str, challenger_alias: str) -> tuple[str, bool]:
+    """End the rollout: production answers everything again. Return the challenger's
+    version and whether its alias was removed."""
     client = MlflowClient()
     challenger = holder(client, name, challenger_alias)
-    if challenger is None:
+    if challenger is None or (challenger.tags or {}).get(ROLLOUT_MODE_TAG) == ROLLOUT_ENDED:
         raise RegistryError(f"no rollout to abort: no version of {name} holds @{challenger_alias}")
-    end_rollout(client, name, challenger_alias, challenger, "aborted")
-    return str(challenger.version)
+    return str(challenger.version), end_rollout(client, name, challenger_alias, challenger, "aborted")
 
 
-def end_rollout(client: MlflowClient, name: str, challenger_alias: str, challenger: ModelVersion, outcome: str) -> None:
-    client.delete_registered_model_alias(name, challenger_alias)
+def end_rollout(client: MlflowClient, name: str, challenger_alias: str, challenger: ModelVersion,
+                outcome: str) -> bool:
+    """End the rollout of challenger; False when its alias could not be removed (serving
+    stops routing to it all the same: it reads the mode tag)."""
+    # The tag first: it takes effect with EDIT on the model, which the trainer's account has.
+    client.set_model_version_tag(name, challenger.version, ROLLOUT_MODE_TAG, ROLLOUT_ENDED)
     client.set_model_version_tag(name, challenger.version, "rollout.outcome", outcome)
     client.set_model_version_tag(name, challenger.version, "rollout.ended_at", now())
+    try:
+        # MLflow's auth checks removing an alias as deleting the model: MANAGE on it.
+        client.delete_registered_model_alias(name, challenger_alias)
+    except MlflowException as error:
+        if error.error_code != "PERMISSION_DENIED":
+            raise
+        return False
+    return True
 
 
 def rollback(name: str, alias: str) -> tuple[str | None, str]:

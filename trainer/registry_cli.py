@@ -107,8 +107,12 @@ def shadow_command(version: str, percent: float, challenger_alias: str, **common
 def abort_command(challenger_alias: str, tracking_uri: str | None, model_name: str, model_alias: str,
                   connect_timeout: float) -> None:
     connect(tracking_uri, connect_timeout)
-    version = registry.abort_rollout(model_name, challenger_alias)
-    print(f"{model_name}@{challenger_alias} removed: rollout of version {version} aborted")
+    version, removed = registry.abort_rollout(model_name, challenger_alias)
+    if removed:
+        print(f"{model_name}@{challenger_alias} removed: rollout of version {version} aborted")
+    else:
+        print(f"rollout of version {version} aborted: serving no longer routes to it; @{challenger_alias} stays on "
+              "it (removing an alias needs MANAGE on the model, which this account lacks)")
 
 
 @command("rollback", "give the alias back to its previous holder")

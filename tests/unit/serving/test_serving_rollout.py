@@ -101,6 +101,20 @@ def test_canary_answers_its_share_of_requests(registry, make_app):
     assert {a.version for a in asyncio.run(send(50))} == {"1"}
 
 
+def test_an_ended_rollout_is_dropped_even_where_its_alias_stays(registry, make_app):
+    """`registry_cli abort` without the right to remove an alias marks the version ended."""
+    name = registry.new_model("good-a", "good-b")
+    registry.point(name, 1)
+    roll_out(registry, name, 2, "canary", 100)
+    app = make_app(name)
+    wait_until(serving_both(app, 1, 2), what="both versions served")
+    assert asyncio.run(post_json(app, ONE_IMAGE_BODY)).version == "2"
+    registry.client.set_model_version_tag(name, "2", "rollout.mode", "ended")
+    wait_until(lambda: rollout_status(app)["challenger_version"] is None, what="challenger dropped")
+    assert app.rollout.watcher.current is None  # not held in memory either
+    assert {asyncio.run(post_json(app, ONE_IMAGE_BODY)).version for _ in range(20)} == {"1"}
+
+
 def test_shadow_never_changes_an_answer_and_counts_agreement(registry, make_app):
     name = registry.new_model("good-a", "good-b")
     registry.point(name, 1)

@@ -3,6 +3,7 @@ challenger alias and the tags serving reads from it."""
 
 import pytest
 from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
 from mlflow.tracking import MlflowClient
 
 from trainer import registry_cli
@@ -71,13 +72,31 @@ def test_abort_removes_the_challenger(client, capsys):
     cli(capsys, "shadow", "2")
     assert cli(capsys, "abort") == (0, "fashion-mnist-cnn@challenger removed: rollout of version 2 aborted\n", "")
     assert aliases(client) == {"production": "1"}
-    assert tags(client, "2")["rollout.outcome"] == "aborted"
+    assert (tags(client, "2")["rollout.mode"], tags(client, "2")["rollout.outcome"]) == ("ended", "aborted")
     with pytest.raises(MlflowException):
         client.get_model_version_by_alias(NAME, "challenger")
     code, out, err = cli(capsys, "abort")
     assert (code, out) == (2, "")
     assert err == ("python -m trainer.registry_cli: error: no rollout to abort: "
                    "no version of fashion-mnist-cnn holds @challenger\n")
+
+
+def test_abort_without_the_right_to_remove_an_alias_still_ends_the_rollout(client, capsys, monkeypatch):
+    def denied(*args, **kwargs):
+        raise MlflowException("Permission denied", error_code=PERMISSION_DENIED)
+
+    # As the trainer's account (EDIT on the model) is answered by the tracking server.
+    monkeypatch.setattr(MlflowClient, "delete_registered_model_alias", denied)
+    cli(capsys, "canary", "2")
+    code, out, _ = cli(capsys, "abort")
+    assert (code, out) == (0, "rollout of version 2 aborted: serving no longer routes to it; @challenger stays on it "
+                              "(removing an alias needs MANAGE on the model, which this account lacks)\n")
+    assert aliases(client)["challenger"] == "2"
+    assert (tags(client, "2")["rollout.mode"], tags(client, "2")["rollout.outcome"]) == ("ended", "aborted")
+    assert cli(capsys, "abort")[0] == 2  # nothing left to abort
+    # The next rollout moves the alias, which EDIT allows.
+    assert cli(capsys, "canary", "3")[1] == "fashion-mnist-cnn@challenger -> version 3: canary, 10% of requests\n"
+    assert tags(client, "3")["rollout.mode"] == "canary"
 
 
 def test_the_challenger_alias_is_a_setting(client, capsys):
