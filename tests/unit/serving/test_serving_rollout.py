@@ -215,6 +215,34 @@ def test_a_failing_canary_is_aborted_without_a_failed_request(registry, make_app
     assert rollout_status(other)["aborted"][0]["reason"] == aborted["reason"]
 
 
+def test_a_failing_shadow_is_aborted_and_never_seen(registry, make_app, tmp_path):
+    name = registry.new_model("good-a", "good-a")
+    registry.point(name, 1)
+    roll_out(registry, name, 2, "shadow")
+    store = BreaksVersion2(str(tmp_path / "cache"), registry.tracking_uri, registry.client, registry.public_key)
+    app = make_app(name, registry_client=registry.client, store=store, rollout_min_requests=10)
+    wait_until(serving_both(app, 1, 2), what="shadow loaded")
+    answers = [asyncio.run(post_json(app, ONE_IMAGE_BODY)) for _ in range(10)]
+    assert {(a.status, a.version) for a in answers} == {(200, "1")}
+    wait_until(lambda: rollout_status(app)["state"] == "aborted", what="shadow aborted")
+    st = rollout_status(app)
+    assert st["aborted"][0]["reason"].startswith("error rate 100.0% against production's 0.0%")
+    assert st["shadow"]["2"]["agreed_rows"] == 0
+
+
+def test_input_both_versions_refuse_is_not_the_canarys_error(registry, make_app):
+    name = registry.new_model("good-a", "good-b")
+    registry.point(name, 1)
+    roll_out(registry, name, 2, "canary", 100)
+    app = make_app(name)
+    wait_until(serving_both(app, 1, 2), what="both versions served")
+    bad = asyncio.run(post_json(app, b'{"inputs": [[[["0.5"]]]]}'))
+    assert bad.status == 400 and "wrong type" in bad.json()["message"]
+    assert bad.version == "1"  # production's answer, as the challenger's was no better
+    counts = rollout_status(app)["versions"]["2"]
+    assert (counts["requests"], counts["errors"]) == (1, 0)
+
+
 def test_a_slow_canary_is_aborted(registry, make_app):
     name = registry.new_model("good-a", "good-b")
     registry.point(name, 1)
