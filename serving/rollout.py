@@ -209,6 +209,8 @@ class Rollout:
         challenger = self.watcher.current
         if challenger is None or challenger.ref.version == production.ref.version:
             return None
+        if self.watcher.alias_version != challenger.ref.version:
+            return None  # the alias moved on and its tags describe the next version, not this one
         if self._is_aborted(challenger):
             return None
         try:
