@@ -24,6 +24,7 @@ import numpy as np
 
 from serving import config, metrics, scoring
 from serving.model_store import LoadedModel
+from serving.rollout import Rollout
 from serving.scoring import Reply, error_reply
 from serving.watcher import AliasWatcher
 
@@ -147,7 +148,9 @@ class ServingApp:
     def __init__(self, settings: config.Settings, registry: MlflowClient | None = None,
                  store: ModelStore | None = None) -> None:
         self.settings = settings
-        self.watcher = AliasWatcher(settings, registry=registry, store=store)
+        self.watcher = AliasWatcher(settings, registry=registry, store=store, warm_start=settings.warm_start)
+        # The challenger (canary or shadow) beside the production alias.
+        self.rollout = Rollout(settings, self.watcher, registry=registry, store=store)
         # One scoring thread per worker for large bodies: torch's intra-op threads do the
         # parallel work, and workers x threads stay within the cores.
         self._executor: ThreadPoolExecutor | None = None
@@ -163,9 +166,11 @@ class ServingApp:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="scoring")
             self.watcher.start()
             metrics.start_memory_sampler()
+            self.rollout.start()
 
     def stop(self) -> None:
         self.watcher.stop()
+        self.rollout.stop()
         if self._executor is not None:
             self._executor.shutdown(wait=False)
 
@@ -231,6 +236,7 @@ class ServingApp:
             "batched_requests": batcher.requests if batcher else 0,
             "batch_predict_calls": batcher.predict_calls if batcher else 0,
         }
+        status["rollout"] = self.rollout.status()
         return status
 
     # -- /invocations ------------------------------------------------------------------------
@@ -252,6 +258,15 @@ class ServingApp:
             retry = str(max(1, round(self.settings.poll_seconds))).encode()
             return await self._send(send, reply, None, [(b"retry-after", retry)])
 
+        async def answer(chosen: LoadedModel, out: Send) -> None:
+            await self._answer(chosen, scope, receive, out, body)
+
+        content_type = _header(scope, b"content-type")
+        json_body = content_type is not None and _media_type(content_type)[0] == "application/json"
+        await self.rollout.serve(model, answer, send, body, shadowable=json_body)
+
+    async def _answer(self, model: LoadedModel, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
+        """Score the body with model (the production or the challenger version) and answer."""
         coding = _header(scope, b"content-encoding")
         if coding is not None and not _identity_only(coding):
             # Undecoded, a compressed body would be answered as if it were malformed JSON.

@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 import model_signatures
 from stack_common.settings import ConfigError, EnvSettings, load
@@ -62,6 +62,24 @@ class Settings(EnvSettings):
                               description="score {\"inputs\": ...} bodies directly; false sends all to MLflow's app")
     metrics_token: SecretStr = Field(SecretStr(""), alias="SERVING_METRICS_TOKEN",
                                      description="bearer token GET /metrics requires; unset turns /metrics off")
+    warm_start: bool = Field(True, alias="SERVING_WARM_START",
+                             description="serve the last version served, from the cache, before the registry answers")
+    challenger_alias: str = Field("challenger", alias="CHALLENGER_ALIAS", max_length=255,
+                                  description="the alias of a canary or shadow version, served beside MODEL_ALIAS")
+    rollout_max_error_rate_delta: float = Field(
+        0.05, alias="ROLLOUT_MAX_ERROR_RATE_DELTA", ge=0.0, le=1.0, allow_inf_nan=False,
+        description="the challenger's error rate may exceed production's by this much before the rollout aborts")
+    rollout_max_p99_ratio: float = Field(
+        2.0, alias="ROLLOUT_MAX_P99_RATIO", ge=1.0, le=1000.0, allow_inf_nan=False,
+        description="the challenger's p99 latency may be this many times production's before the rollout aborts")
+    rollout_min_requests: int = Field(
+        50, alias="ROLLOUT_MIN_REQUESTS", ge=1, le=1_000_000,
+        description="requests each version needs in the window before the rollout is judged")
+    rollout_window_seconds: float = Field(
+        300.0, alias="ROLLOUT_WINDOW_SECONDS", ge=1.0, le=86400.0, allow_inf_nan=False,
+        json_schema_extra={"unit": " seconds"}, description="how far back the rollout counts look")
+    shadow_queue_size: int = Field(64, alias="SHADOW_QUEUE_SIZE", ge=1, le=100_000,
+                                   description="shadow requests waiting to be scored; more are dropped")
 
     @field_validator("tracking_uri")
     @classmethod
@@ -70,7 +88,7 @@ class Settings(EnvSettings):
             raise ValueError("expected a URI such as http://mlflow:5000")
         return value
 
-    @field_validator("model_alias")
+    @field_validator("model_alias", "challenger_alias")
     @classmethod
     def _alias_name(cls, value: str) -> str:
         if not _ALIAS_RE.match(value) or _RESERVED_ALIAS_RE.match(value):
@@ -102,6 +120,13 @@ class Settings(EnvSettings):
             raise ValueError(f"SERVING_METRICS_TOKEN is too short: use at least {METRICS_TOKEN_MIN_LENGTH} "
                              "random characters (make env writes one)")
         return value
+
+    @model_validator(mode="after")
+    def _two_aliases(self) -> Settings:
+        if self.challenger_alias == self.model_alias:
+            raise ValueError(f"CHALLENGER_ALIAS={self.challenger_alias!r} is not valid: "
+                             "it must differ from MODEL_ALIAS")
+        return self
 
     @property
     def model_uri(self) -> str:

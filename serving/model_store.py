@@ -59,6 +59,9 @@ class VersionRef:
     run_id: str | None = None
     created_ms: int = 0
     model_id: str | None = None  # the logged model the version was registered from
+    # The version's tags as last read (rollout settings ride on them); not part of what
+    # the version is, so a tag change never reloads it.
+    tags: dict[str, str] = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     @property
     def cache_key(self) -> str:
@@ -99,6 +102,7 @@ def resolve_alias(registry: MlflowClient, name: str, alias: str) -> VersionRef:
         run_id=mv.run_id or None,
         created_ms=int(mv.creation_timestamp or 0),
         model_id=model_signatures.logged_model_id(mv),
+        tags=dict(mv.tags or {}),
     )
 
 
@@ -122,13 +126,18 @@ class ModelStore:
         self.registry = registry
         self.public_key = public_key
 
-    def _model_dir(self, name: str) -> str:
+    def model_dir(self, name: str) -> str:
         return os.path.join(self.cache_dir, re.sub(r"[^\w.\-]", "_", name))
+
+    def cached(self, ref: VersionRef) -> str | None:
+        """The cache directory of ref if a verified copy was put there (verify it again to use it)."""
+        path = os.path.join(self.model_dir(ref.name), ref.cache_key)
+        return path if os.path.isdir(path) else None
 
     def fetch(self, ref: VersionRef) -> str:
         """Local directory of the version: the cached one if another worker already verified
         it, else a private download that verify() puts in the cache."""
-        base = self._model_dir(ref.name)
+        base = self.model_dir(ref.name)
         final = os.path.join(base, ref.cache_key)
         if os.path.isdir(final):
             os.utime(final)  # marks it recently used, for prune()
@@ -159,7 +168,7 @@ class ModelStore:
         downloads it again (e.g. after `make sign`)."""
         expected = model_signatures.Provenance(registered_model=ref.name, run_id=ref.run_id,
                                                model_id=ref.model_id)
-        final = os.path.join(self._model_dir(ref.name), ref.cache_key)
+        final = os.path.join(self.model_dir(ref.name), ref.cache_key)
         private = path != final
         try:
             model_signatures.verify(path, self.public_key, expected)
@@ -207,7 +216,7 @@ class ModelStore:
 
     def prune(self, name: str, in_use: set[str]) -> None:
         """Remove all but the newest few versions of a model, never one in use."""
-        base = self._model_dir(name)
+        base = self.model_dir(name)
         try:
             entries = [os.path.join(base, n) for n in os.listdir(base)]
         except FileNotFoundError:

@@ -17,6 +17,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
@@ -85,9 +86,24 @@ class _RepeatLimiter:
 
 
 class AliasWatcher:
+    """Follows settings.model_alias. `optional`: an alias that is often unset (the
+    challenger): its absence is quiet, and removing it stops serving its version.
+    `warm_start`: before the first look at the registry, serve the version this alias
+    last served from the cache, and remember each version switched to. `pinned`: cache
+    paths that pruning must keep (the other watcher's model). `accept`: whether a version
+    the alias names is to be served at all; an optional alias on one that is not counts as unset."""
+
     def __init__(self, settings: Settings, registry: MlflowClient | None = None,
-                 store: ModelStore | None = None) -> None:
+                 store: ModelStore | None = None, *, optional: bool = False, warm_start: bool = False,
+                 pinned: Callable[[], set[str]] | None = None,
+                 accept: Callable[[VersionRef], bool] | None = None) -> None:
         self.settings = settings
+        self.optional = optional
+        self.warm_start = warm_start
+        self.pinned = pinned or set
+        self.accept = accept
+        self.alias_tags: dict[str, str] = {}  # tags of the version the alias points at, as last read
+        self.warm_started_version: str | None = None
         self.current: LoadedModel | None = None  # LoadedModel being served; replaced whole, never mutated
         self.alias_version: str | None = None
         self.waiting_for = f"waiting for {self._wanted()}: not checked yet"
@@ -104,6 +120,7 @@ class AliasWatcher:
         self.torch_threads: int | None = None  # as torch reports it once limited
         self._wait_log = _RepeatLimiter()
         self._error_log = _RepeatLimiter()
+        self._step = "download"
 
     def _wanted(self) -> str:
         return f"{self.settings.model_name}@{self.settings.model_alias}"
@@ -112,7 +129,8 @@ class AliasWatcher:
 
     def start(self) -> None:
         if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="alias-watcher", daemon=True)
+            self._thread = threading.Thread(target=self._run, name=f"alias-watcher-{self.settings.model_alias}",
+                                            daemon=True)
             self._thread.start()
 
     def stop(self, timeout: float = 5.0) -> None:
@@ -127,6 +145,11 @@ class AliasWatcher:
         return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
+        if self.warm_start:
+            try:
+                self._serve_from_cache()
+            except Exception:
+                log.exception("starting from the cached version failed; waiting for the registry")
         delay = 0.0
         while not self._stop.wait(delay):
             try:
@@ -208,8 +231,12 @@ class AliasWatcher:
             log.info("tracking server at %s answers again", redact(s.tracking_uri))
             self._registry_errors = 0
             self._error_log.reset()
+        if self.optional and self.accept is not None and not self.accept(target):
+            return self._alias_missing("the version it names is not to be served")
         self.alias_version = target.version
-        metrics.alias_seen(target.version)
+        self.alias_tags = target.tags
+        if not self.optional:
+            metrics.alias_seen(target.version)
 
         current = self.current
         if current is not None and current.ref == target:
@@ -232,7 +259,19 @@ class AliasWatcher:
     def _alias_missing(self, reason: str) -> float:
         s = self.settings
         self.alias_version = None
-        metrics.alias_seen(None)
+        self.alias_tags = {}
+        if not self.optional:
+            metrics.alias_seen(None)
+        if self.optional:
+            # Nothing to wait for: no challenger is the usual state.
+            if self.current is not None:
+                log.info("%s: %s; version %s is not served any more", self._wanted(), reason,
+                         self.current.ref.version)
+            self.current = None
+            self._failures = {}
+            self._set_error(None)
+            self.waiting_for = f"no version holds {self._wanted()}"
+            return s.poll_seconds
         if self.current is None:
             self.waiting_for = f"waiting for {self._wanted()}: no version holds the alias yet"
             self._set_error(None)
@@ -254,31 +293,67 @@ class AliasWatcher:
             return "no model served yet"
         return f"still serving version {self.current.ref.version}"
 
-    def _switch_to(self, target: VersionRef, store: ModelStore, failure: _Failure | None) -> None:
+    def _prepare(self, target: VersionRef, store: ModelStore) -> LoadedModel:
+        """Download (unless cached), verify, load and check a version; self._step says
+        how far it got when this raises."""
         from serving.scoring import check_answers, rows_score_independently
 
-        s = self.settings
         self._limit_torch_threads()
+        self._step = "download"
+        path = store.fetch(target)
+        self._step = "verify"
+        path = store.verify(target, path)  # before MLflow reads it: loading runs the model's code
+        self._step = "load"
+        candidate = store.load(target, path)
+        self._step = "check"
+        check_answers(candidate)
+        if self.settings.batch_max_rows > 1:
+            candidate.batchable = rows_score_independently(candidate)
+            if not candidate.batchable:
+                log.warning(
+                    "version %s answers differently when requests are stacked; "
+                    "its requests are scored one by one",
+                    target.version,
+                )
+        return candidate
+
+    def _serve_from_cache(self) -> None:
+        """Serve the version recorded at the last switch, if its cached copy still verifies."""
+        from serving import warm_start
+
+        s = self.settings
+        ref = warm_start.recall(s.cache_dir, s.model_name, s.model_alias)
+        if ref is None:
+            return
+        _, store = self._clients()
+        if store.cached(ref) is None:
+            log.info("version %s, served before the restart, is no longer in the cache", ref.version)
+            return
+        started = time.monotonic()
+        try:
+            candidate = self._prepare(ref, store)  # the cached copy: nothing is downloaded
+        except Exception as e:
+            reason = e.reason if isinstance(e, model_signatures.Refused) else f"{type(e).__name__}: {one_line(e)}"
+            log.warning("cached copy of version %s ignored (%s it failed: %s); it is downloaded again "
+                        "when the registry names it", ref.version, STEP_WORDS[self._step], reason)
+            return
+        if self.current is None:  # the registry cannot have answered first, but never replace a newer model
+            self.current = candidate
+            metrics.version_prepared(time.monotonic() - started)
+            metrics.version_swapped(ref.version)
+            self.warm_started_version = ref.version
+            self.waiting_for = ""
+            log.info("serving %s version %s from the cache, as before the restart, in %.2fs; "
+                     "checking %s next", s.model_name, ref.version, time.monotonic() - started, s.model_uri)
+
+    def _switch_to(self, target: VersionRef, store: ModelStore, failure: _Failure | None) -> None:
+        s = self.settings
         started = time.monotonic()
         log.info("%s now points at version %s: preparing it", s.model_uri, target.version)
-        step = "download"
         try:
-            path = store.fetch(target)
-            step = "verify"
-            path = store.verify(target, path)  # before MLflow reads it: loading runs the model's code
-            step = "load"
-            candidate = store.load(target, path)
-            step = "check"
-            check_answers(candidate)
-            if s.batch_max_rows > 1:
-                candidate.batchable = rows_score_independently(candidate)
-                if not candidate.batchable:
-                    log.warning(
-                        "version %s answers differently when requests are stacked; "
-                        "its requests are scored one by one",
-                        target.version,
-                    )
+            candidate = self._prepare(target, store)
         except Exception as e:
+            step = self._step
             count = (failure.count if failure else 0) + 1
             delay = version_retry_delay(s.poll_seconds, count)
             if isinstance(e, model_signatures.Refused):
@@ -309,7 +384,8 @@ class AliasWatcher:
         metrics.version_prepared(time.monotonic() - started)
         previous = self.current
         self.current = candidate  # the switch: requests from now on get the new version
-        metrics.version_swapped(target.version)
+        if not self.optional:  # the challenger's version is on /status, not in these gauges
+            metrics.version_swapped(target.version)
         self._failures = {}
         self._set_error(None)
         self.waiting_for = ""
@@ -321,8 +397,12 @@ class AliasWatcher:
             f"version {previous.ref.version}" if previous else "nothing",
             time.monotonic() - started,
         )
+        if self.warm_start:
+            from serving import warm_start
+
+            warm_start.remember(s.cache_dir, s.model_alias, target)
         try:
-            store.prune(s.model_name, {candidate.path})
+            store.prune(s.model_name, {candidate.path, *self.pinned()})
         except Exception:
             log.warning("could not prune the model cache", exc_info=True)
 
@@ -351,5 +431,6 @@ class AliasWatcher:
             "poll_interval_seconds": s.poll_seconds,
             "torch_threads": self.torch_threads,
             "watcher_alive": self.alive,
+            "warm_started_version": self.warm_started_version,
             "worker_pid": os.getpid(),
         }

@@ -20,6 +20,10 @@ from mlflow.tracking import MlflowClient
 from stack_common.registry import alias_missing
 
 HISTORY_LIMIT = 100
+# What serving reads from the challenger version: how it is rolled out and to what share.
+ROLLOUT_MODE_TAG = "rollout.mode"
+ROLLOUT_PERCENT_TAG = "rollout.percent"
+ROLLOUT_ENDED = "ended"  # the mode of a version whose rollout is over; serving routes nothing to it
 
 
 class RegistryError(Exception):
@@ -156,18 +160,76 @@ def get_version(client: MlflowClient, name: str, version: str) -> ModelVersion:
         raise RegistryError(f"{name} has no version {version} (versions: {known})") from None
 
 
-def promote(name: str, alias: str, version: str) -> str | None:
-    """Move alias to version by hand; return the previous holder's number."""
+def promote(name: str, alias: str, version: str, challenger_alias: str | None = None) -> str | None:
+    """Move alias to version by hand; return the previous holder's number. A rollout of
+    that version (challenger_alias on it) is complete then, and its alias removed."""
     client = MlflowClient()
     target = get_version(client, name, version)
     current = holder(client, name, alias)
-    if current is not None and str(current.version) == str(target.version):
-        return str(current.version)
-    previous = move_alias(client, name, alias, target.version, how="promote")
-    client.set_model_version_tag(name, target.version, "promotion.decision", "promoted")
-    client.set_model_version_tag(name, target.version, "promotion.reason", "promoted by hand")
-    client.set_model_version_tag(name, target.version, "promotion.decided_at", now())
+    if current is None or str(current.version) != str(target.version):
+        previous = move_alias(client, name, alias, target.version, how="promote")
+        client.set_model_version_tag(name, target.version, "promotion.decision", "promoted")
+        client.set_model_version_tag(name, target.version, "promotion.reason", "promoted by hand")
+        client.set_model_version_tag(name, target.version, "promotion.decided_at", now())
+    else:
+        previous = str(current.version)
+    if challenger_alias:
+        challenger = holder(client, name, challenger_alias)
+        if challenger is not None and str(challenger.version) == str(target.version):
+            end_rollout(client, name, challenger_alias, challenger, "promoted")
     return previous
+
+
+def start_rollout(name: str, alias: str, challenger_alias: str, version: str, mode: str,
+                  percent: float) -> str | None:
+    """Serve version beside alias's holder as a canary or a shadow; return the challenger it replaces."""
+    client = MlflowClient()
+    target = get_version(client, name, version)
+    current = holder(client, name, alias)
+    if current is None:
+        raise RegistryError(f"no version holds @{alias} of {name}: a {mode} needs a production version to "
+                            "compare with; promote one first")
+    if str(current.version) == str(target.version):
+        raise RegistryError(f"version {version} already holds @{alias}: nothing to roll out")
+    previous = holder(client, name, challenger_alias)
+    # The tags first: a worker that sees the alias move reads the mode and share with it.
+    client.set_model_version_tag(name, target.version, ROLLOUT_MODE_TAG, mode)
+    client.set_model_version_tag(name, target.version, ROLLOUT_PERCENT_TAG, f"{percent:g}")
+    client.set_model_version_tag(name, target.version, "rollout.started_at", now())
+    client.set_registered_model_alias(name, challenger_alias, target.version)
+    ended = previous is None or (previous.tags or {}).get(ROLLOUT_MODE_TAG) == ROLLOUT_ENDED
+    if not ended and str(previous.version) != str(target.version):
+        client.set_model_version_tag(name, previous.version, "rollout.outcome", f"replaced by version {version}")
+        return str(previous.version)
+    return None
+
+
+def abort_rollout(name: str, challenger_alias: str) -> tuple[str, bool]:
+    """End the rollout: production answers everything again. Return the challenger's
+    version and whether its alias was removed."""
+    client = MlflowClient()
+    challenger = holder(client, name, challenger_alias)
+    if challenger is None or (challenger.tags or {}).get(ROLLOUT_MODE_TAG) == ROLLOUT_ENDED:
+        raise RegistryError(f"no rollout to abort: no version of {name} holds @{challenger_alias}")
+    return str(challenger.version), end_rollout(client, name, challenger_alias, challenger, "aborted")
+
+
+def end_rollout(client: MlflowClient, name: str, challenger_alias: str, challenger: ModelVersion,
+                outcome: str) -> bool:
+    """End the rollout of challenger; False when its alias could not be removed (serving
+    stops routing to it all the same: it reads the mode tag)."""
+    # The tag first: it takes effect with EDIT on the model, which the trainer's account has.
+    client.set_model_version_tag(name, challenger.version, ROLLOUT_MODE_TAG, ROLLOUT_ENDED)
+    client.set_model_version_tag(name, challenger.version, "rollout.outcome", outcome)
+    client.set_model_version_tag(name, challenger.version, "rollout.ended_at", now())
+    try:
+        # MLflow's auth checks removing an alias as deleting the model: MANAGE on it.
+        client.delete_registered_model_alias(name, challenger_alias)
+    except MlflowException as error:
+        if error.error_code != "PERMISSION_DENIED":
+            raise
+        return False
+    return True
 
 
 def rollback(name: str, alias: str) -> tuple[str | None, str]:

@@ -2,12 +2,16 @@
 sign a version logged before models were signed.
 
     python -m trainer.registry_cli list
-    python -m trainer.registry_cli promote VERSION
+    python -m trainer.registry_cli promote VERSION     (also ends a rollout of VERSION)
     python -m trainer.registry_cli rollback
+    python -m trainer.registry_cli canary VERSION --percent 10
+    python -m trainer.registry_cli shadow VERSION [--percent 100]
+    python -m trainer.registry_cli abort                (ends the canary or shadow)
     python -m trainer.registry_cli sign VERSION      (needs MODEL_SIGNING_KEY)
 
 The tracking server, model name and alias come from the same flags and environment
-variables as training (MLFLOW_TRACKING_URI, MODEL_NAME, MODEL_ALIAS). Unknown versions and
+variables as training (MLFLOW_TRACKING_URI, MODEL_NAME, MODEL_ALIAS); the challenger alias
+of rollouts from --challenger-alias or CHALLENGER_ALIAS, as serving reads it. Unknown versions and
 an empty rollback history exit with status 2 and one line on stderr.
 """
 
@@ -43,6 +47,16 @@ def command(name: str, help_text: str, *arguments: click.Argument) -> Callable[[
 
 
 VERSION = config.Positional(["version"], metavar="VERSION", type=config.VersionNumber())
+CHALLENGER_ALIAS = config.Setting(
+    "--challenger-alias", "CHALLENGER_ALIAS", default="challenger",
+    help="alias of the canary or shadow version, served beside the alias",
+    type=config.Matching("alias", config.ALIAS, "letters, digits, '_' or '-', not 'latest' or 'v<N>'",
+                         reserved=config.RESERVED_ALIAS))
+
+
+def percent_option(default: float, meaning: str) -> config.Setting:
+    return config.Setting("--percent", None, type=click.FloatRange(0, 100, min_open=True), default=default,
+                          help=meaning)
 
 
 def connect(tracking_uri: str | None, connect_timeout: float) -> None:
@@ -55,13 +69,50 @@ def list_command(tracking_uri: str | None, model_name: str, model_alias: str, co
     list_versions(model_name, model_alias)
 
 
-@command("promote", "move the alias to VERSION", VERSION)
-def promote_command(version: str, tracking_uri: str | None, model_name: str, model_alias: str,
-                    connect_timeout: float) -> None:
+@command("promote", "move the alias to VERSION (and end a canary or shadow of it)", VERSION, CHALLENGER_ALIAS)
+def promote_command(version: str, challenger_alias: str, tracking_uri: str | None, model_name: str,
+                    model_alias: str, connect_timeout: float) -> None:
+    if challenger_alias == model_alias:
+        raise click.UsageError(f"--challenger-alias must differ from --model-alias ({model_alias})")
     connect(tracking_uri, connect_timeout)
-    previous = registry.promote(model_name, model_alias, version)
+    previous = registry.promote(model_name, model_alias, version, challenger_alias)
     was = f"was version {previous}" if previous else "was unset"
     print(f"{model_name}@{model_alias} -> version {version} ({was})")
+
+
+def start_rollout(mode: str, version: str, percent: float, challenger_alias: str, tracking_uri: str | None,
+                  model_name: str, model_alias: str, connect_timeout: float) -> None:
+    if challenger_alias == model_alias:
+        raise click.UsageError(f"--challenger-alias must differ from --model-alias ({model_alias})")
+    connect(tracking_uri, connect_timeout)
+    replaced = registry.start_rollout(model_name, model_alias, challenger_alias, version, mode, percent)
+    share = f"{percent:g}% of requests" + (" scored in the background" if mode == "shadow" else "")
+    ended = f"; version {replaced}'s rollout ended" if replaced else ""
+    print(f"{model_name}@{challenger_alias} -> version {version}: {mode}, {share}{ended}")
+
+
+@command("canary", "answer a share of requests with VERSION beside the alias", VERSION,
+         percent_option(10, "share of requests VERSION answers"), CHALLENGER_ALIAS)
+def canary_command(version: str, percent: float, challenger_alias: str, **common: object) -> None:
+    start_rollout("canary", version, percent, challenger_alias, **common)
+
+
+@command("shadow", "also score requests with VERSION in the background; clients get the alias's answers",
+         VERSION, percent_option(100, "share of requests VERSION also scores"), CHALLENGER_ALIAS)
+def shadow_command(version: str, percent: float, challenger_alias: str, **common: object) -> None:
+    start_rollout("shadow", version, percent, challenger_alias, **common)
+
+
+@command("abort", "end the canary or shadow: the alias's version answers everything", CHALLENGER_ALIAS)
+def abort_command(challenger_alias: str, tracking_uri: str | None, model_name: str, model_alias: str,
+                  connect_timeout: float) -> None:
+    connect(tracking_uri, connect_timeout)
+    version, removed = registry.abort_rollout(model_name, challenger_alias)
+    if removed:
+        print(f"{model_name}@{challenger_alias} removed: rollout of version {version} aborted")
+    else:
+        print(f"rollout of version {version} aborted: serving no longer routes to it; @{challenger_alias} stays on "
+              "it (removing an alias needs MANAGE on the model, which this account lacks)")
 
 
 @command("rollback", "give the alias back to its previous holder")
@@ -82,7 +133,8 @@ def sign_command(version: str, tracking_uri: str | None, model_name: str, model_
     print(f"{model_name} version {version} signed")
 
 
-CLI = click.Group("registry", commands=[list_command, promote_command, rollback_command, sign_command],
+CLI = click.Group("registry", commands=[list_command, promote_command, rollback_command, sign_command,
+                                        canary_command, shadow_command, abort_command],
                   help="Registered versions of the trained model and its serving alias.",
                   # Without a command: one line saying so, not the help text as an error.
                   no_args_is_help=False, context_settings=config.CONTEXT)

@@ -61,9 +61,9 @@ def server(registry, tmp_path):
             proc.wait(10)
 
 
-def healthy(env):
+def healthy(env, *flags):
     check = subprocess.run(
-        [sys.executable, "-m", "serving.healthcheck"], env=env, capture_output=True, timeout=10
+        [sys.executable, "-m", "serving.healthcheck", *flags], env=env, capture_output=True, timeout=10
     )
     return check.returncode == 0
 
@@ -107,6 +107,7 @@ def test_container_process_waits_serves_follows_and_stops(registry, server):
 
     # Up and healthy before any model exists, saying what it waits for.
     wait_until(lambda: healthy(env), timeout=60, interval=0.2, what="healthcheck to pass")
+    assert not healthy(env, "--serving")  # ready to take over from another container: not yet
     waiting = requests.post(invocations, data=ONE_IMAGE_BODY, headers=JSON, timeout=10)
     assert waiting.status_code == 503
     assert f"waiting for {name}@production" in waiting.json()["message"]
@@ -117,7 +118,7 @@ def test_container_process_waits_serves_follows_and_stops(registry, server):
 
     registry.point(name, 1)
     wait_until(lambda: consecutive(invocations, "1", 20), timeout=60, what="both workers on v1")
-    assert healthy(env)
+    assert healthy(env) and healthy(env, "--serving")
     status = requests.get(f"{base}/status", timeout=10).json()
     assert status["state"] == "serving" and status["torch_threads"] == 1
 
@@ -216,3 +217,27 @@ def test_nonsense_settings_fail_at_start_with_one_line(registry, setting, value,
     run = subprocess.run([sys.executable, "-m", "serving"], env=env, capture_output=True, text=True, timeout=30)
     assert run.returncode == 2
     assert run.stderr.strip().splitlines() == [line]
+
+
+def test_a_restarted_container_answers_from_its_cache_while_the_registry_is_down(registry, server, tmp_path):
+    proc, base, name, env, log_path = server
+    invocations = f"{base}/invocations"
+    registry.point(name, 1)
+    wait_until(lambda: healthy(env, "--serving"), timeout=60, interval=0.2, what="version 1 served")
+    wait_until(lambda: consecutive(invocations, "1", 20), timeout=60, what="both workers on v1")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+
+    # The same cache (the volume), and a tracking server that does not answer at all.
+    down = {**env, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{free_port()}"}
+    with open(tmp_path / "restarted.log", "wb") as log:
+        restarted = subprocess.Popen([sys.executable, "-m", "serving"], env=down, stdout=log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until(lambda: healthy(down, "--serving"), timeout=60, interval=0.2, what="serving from the cache")
+        wait_until(lambda: consecutive(invocations, "1", 20), timeout=60, what="both workers on cached v1")
+        status = requests.get(f"{base}/status", timeout=10).json()
+        assert status["warm_started_version"] == "1" and status["alias_version"] is None
+    finally:
+        os.killpg(restarted.pid, signal.SIGKILL)
+        restarted.wait(10)

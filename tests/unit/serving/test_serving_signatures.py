@@ -17,10 +17,10 @@ from serving.app import ServingApp
 POLL = 0.2
 
 
-def start(registry, name, cache_dir):
+def start(registry, name, cache_dir, warm_start=True):
     app = ServingApp(config.Settings(tracking_uri=registry.tracking_uri, model_name=name,
                                      public_key=registry.public_key, poll_seconds=POLL,
-                                     cache_dir=str(cache_dir)))
+                                     cache_dir=str(cache_dir), warm_start=warm_start))
     app.start()
     return app
 
@@ -66,7 +66,9 @@ def test_version_not_signed_by_the_trainer_is_refused_and_never_runs(registry, a
 
 
 def test_cached_version_is_verified_again(registry, apps, tmp_path):
-    """A worker that restarts finds versions in the cache; they are verified like downloads."""
+    """A worker that restarts finds versions in the cache; they are verified like downloads.
+    (Without a warm start, so that the alias names the altered copy; the warm start's own
+    refusal is in test_serving_rollout.py.)"""
     cache = tmp_path / "cache"
     name = registry.new_model("good-a")
     registry.point(name, 1)
@@ -78,7 +80,7 @@ def test_cached_version_is_verified_again(registry, apps, tmp_path):
     # The cached code is changed to write the marker, as an intruder in the cache would.
     code = path / "standin_model.py"
     code.write_text(f"open({str(registry.marker)!r}, 'w').write('ran')\n" + code.read_text())
-    apps.append(second := start(registry, name, cache))
+    apps.append(second := start(registry, name, cache, warm_start=False))
     st = wait_until(lambda: (s := second.watcher.status())["failed_attempts"] >= 1 and s, what="refusal")
     assert st["state"] == "waiting"
     assert st["last_error"] == "version 1 refused: its files differ from the files that were signed"
