@@ -27,7 +27,8 @@ ARGS ?=
 # Tagged on every training run; baked into the trainer image at build time.
 export GIT_COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null)
 
-.PHONY: help env up down build offline-images train predict logs ps models promote sign rollback \
+.PHONY: help env up down build offline-images train sweep predict logs ps models promote sign rollback \
+        canary shadow abort-rollout \
         test test-unit test-integration lint bench bench-trainer bench-serving bench-direct-path bench-switch \
         bench-tracking bench-cold-start bench-load backup restore clean doctor lock k8s-check k8s-e2e \
         monitoring-check
@@ -54,8 +55,16 @@ up: build ## Build, start detached, wait until healthy, print the URLs
 down: ## Stop the stack; every run, model and artifact is kept
 	@$(COMPOSE) --profile train --profile monitoring down
 
-train: env ## Train, log, register and maybe promote (ARGS="--epochs 5", GPU=1 for the GPU)
-	@COMPOSE_FILE=$(TRAIN_COMPOSE_FILES) $(COMPOSE) run --rm trainer $(ARGS)
+train: env ## Train, log, register and maybe promote (ARGS="--epochs 5", NPROC=4 processes, GPU=1 for the GPU)
+	@COMPOSE_FILE=$(TRAIN_COMPOSE_FILES) $(COMPOSE) run --rm trainer $(if $(NPROC),--nproc $(NPROC)) $(ARGS)
+
+sweep: env ## Hyperparameter sweep: make sweep TRIALS=20 [PARALLEL=2] [STUDY=name] [ARGS="--epochs 3"]
+	@test -n "$(TRIALS)" || { echo "usage: make sweep TRIALS=<n> [PARALLEL=<workers>] [STUDY=<name>] [ARGS=...]"; exit 2; }
+	@# PARALLEL workers, each its own container, pull trials from one study until TRIALS are done.
+	@pids=(); for i in $$(seq 1 $(or $(PARALLEL),1)); do \
+	  COMPOSE_FILE=$(TRAIN_COMPOSE_FILES) $(COMPOSE) run --rm -T sweep --trials $(TRIALS) \
+	    $(if $(STUDY),--study $(STUDY)) $(ARGS) & pids+=($$!); \
+	done; status=0; for pid in "$${pids[@]}"; do wait "$$pid" || status=1; done; exit $$status
 
 predict: ## Send real test images to the serving endpoint and print the predicted classes
 	@$(COMPOSE) run --rm --no-deps -T --entrypoint python trainer -m trainer.sample --count 5 \
@@ -71,6 +80,19 @@ promote: ## Point the alias at a version: make promote VERSION=3
 sign: ## Sign a version logged before models were signed, vouching for its files: make sign VERSION=3
 	@test -n "$(VERSION)" || { echo "usage: make sign VERSION=<n>"; exit 2; }
 	@$(COMPOSE) run --rm --no-deps -T --entrypoint python trainer -m trainer.registry_cli sign $(VERSION)
+
+canary: ## Answer a share of requests with a version beside production: make canary VERSION=4 [PERCENT=10]
+	@test -n "$(VERSION)" || { echo "usage: make canary VERSION=<n> [PERCENT=10]"; exit 2; }
+	@$(COMPOSE) run --rm --no-deps -T --entrypoint python trainer -m trainer.registry_cli canary $(VERSION) \
+	  --percent $(or $(PERCENT),10)
+
+shadow: ## Also score requests with a version, off the request path: make shadow VERSION=4 [PERCENT=100]
+	@test -n "$(VERSION)" || { echo "usage: make shadow VERSION=<n> [PERCENT=100]"; exit 2; }
+	@$(COMPOSE) run --rm --no-deps -T --entrypoint python trainer -m trainer.registry_cli shadow $(VERSION) \
+	  --percent $(or $(PERCENT),100)
+
+abort-rollout: ## End a canary or shadow rollout: production answers every request again
+	@$(COMPOSE) run --rm --no-deps -T --entrypoint python trainer -m trainer.registry_cli abort
 
 rollback: ## Move the alias back to the version that held it before
 	@$(COMPOSE) run --rm --no-deps -T --entrypoint python trainer -m trainer.registry_cli rollback
