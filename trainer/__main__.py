@@ -11,6 +11,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     conf = config.load(argv)
     # Imported after the flags are checked: --help and a typo answer in a blink instead
     # of after loading torch and mlflow.
+    if conf.nproc > 1 or conf.nnodes > 1:
+        from trainer import launch
+
+        return launch.run(conf, argv)
     from trainer import job
 
     return job.run(conf)
