@@ -389,7 +389,11 @@ def main(argv: list[str] | None = None) -> int:
         return job.EXIT_CONFIG
     try:
         return train(conf, world, device, attempt)
-    except (ConfigMismatch, checkpoints.CheckpointError) as error:
+    except ConfigMismatch as error:
+        if local_rank == 0:  # every rank finds the same difference: one line per node is enough
+            warn(f"python -m trainer: error: {error}")
+        return job.EXIT_CONFIG
+    except checkpoints.CheckpointError as error:
         warn(f"python -m trainer: error: {error}")
         return job.EXIT_CONFIG
     except (data.DataError, tracking.TrackingUnavailable, loop.TrainingDiverged, registry.RegistryError) as error:

@@ -119,6 +119,14 @@ def failure_of(error: ChildFailedError, conf: Config) -> tuple[str, int]:
     return reason, code if code in (EXIT_FAILED, EXIT_CONFIG) else EXIT_FAILED
 
 
+def quiet_agent() -> None:
+    """Silence the elastic agent's own log lines (each with a timestamp and a source path): the
+    ranks and the launcher say in one line each what failed, and rank 0 says when it restarts."""
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed.elastic"):
+            logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
 def run(conf: Config, argv: Sequence[str] | None = None) -> int:
     """Launch this node's processes for a checked Config; return the exit status."""
     try:
@@ -141,15 +149,15 @@ def run(conf: Config, argv: Sequence[str] | None = None) -> int:
         workers[RUN_ID_ENV] = run_id
     say(f"launching {conf.nproc} process(es) on node {conf.node_rank} of {conf.nnodes}, "
         f"rendezvous {conf.rdzv_endpoint or 'on this host'} (id {rdzv_id})")
-    # The agent's own progress lines would bury the trainer's; its warnings and errors stay.
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.WARNING)
+    quiet_agent()
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         with environment(workers):
             elastic_launch(launch_config(conf, rdzv_id), sys.executable)("-m", "trainer.distributed", *args)
     except ChildFailedError as error:
         reason, code = failure_of(error, conf)
-        warn(f"error: training failed: {reason}; its own error is above")
+        if code != EXIT_CONFIG:  # a refused configuration was said in one line by the ranks themselves
+            warn(f"error: training failed: {reason}; its own error is above")
         end_unfinished(run_id, "FAILED", reason, conf)
         return code
     except RendezvousTimeoutError:
