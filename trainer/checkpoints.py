@@ -48,6 +48,8 @@ def state(training: TrainingState, config: Config) -> Checkpoint:
         "epoch": progress.epoch,
         "step_in_epoch": progress.step_in_epoch,
         "global_step": progress.global_step,
+        # Each rank's share of an epoch depends on how many there are.
+        "world_size": training.world.size,
         # Dropout draws from these; restoring them makes a resumed run repeat exactly
         # what an uninterrupted one would have done.
         "rng_cpu": torch.get_rng_state(),
@@ -137,6 +139,12 @@ def check_compatible(checkpoint: Checkpoint, config: Config) -> None:
                 raise CheckpointError(
                     f"the checkpoint stopped mid-epoch with {flag} {checkpoint[key]}, not {value}; "
                     f"pass {flag} {checkpoint[key]} to resume it")
+        # ... and by the number of processes sharing each epoch (checkpoints from before they were
+        # recorded come from one process).
+        saved, processes = checkpoint.get("world_size", 1), config.nnodes * config.nproc
+        if saved != processes:
+            raise CheckpointError(f"the checkpoint stopped mid-epoch with {saved} training process(es), not "
+                                  f"{processes}; resume it with --nnodes x --nproc = {saved}")
     if checkpoint["epoch"] >= config.epochs:
         raise CheckpointError(
             f"the checkpoint has already completed {checkpoint['epoch']} epoch(s); "

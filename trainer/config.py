@@ -27,6 +27,7 @@ OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
 DEVICES = ("auto", "cpu", "cuda")
 PROMOTION_POLICIES = ("if-better", "always", "never")
+LR_SCALINGS = ("none", "linear")
 
 TRACKING_SCHEMES = ("http", "https", "sqlite", "postgresql", "mysql", "mssql", "file", "databricks")
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -35,6 +36,9 @@ MODEL_NAME = re.compile(r"^[^/:\s][^/:]{0,254}$")
 ALIAS = re.compile(r"^[\w-]{1,255}$")
 RESERVED_ALIAS = re.compile(r"^(latest|[vV]\d+)$", re.IGNORECASE)
 SCHEME = re.compile(r"^([A-Za-z][\w+.-]*):")
+# host, host:port, [v6]:port; torch's c10d rendezvous parses it and defaults the port to 29400.
+ENDPOINT = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:\d{1,5})?$")
+RDZV_ID = re.compile(r"^[\w.-]{1,128}$")
 
 
 class ConfigError(Exception):
@@ -66,6 +70,14 @@ class Config:
     connect_timeout: float
     outage_timeout: float
     resume_from: str | None
+    nproc: int
+    nnodes: int
+    node_rank: int
+    rdzv_endpoint: str | None
+    rdzv_id: str | None
+    rdzv_timeout: float
+    max_restarts: int
+    lr_scaling: str
     # From MODEL_SIGNING_KEY only (never a flag, which `ps` would show); None without tracking.
     signing_key: model_signatures.PrivateKey | None = None
 
@@ -274,6 +286,25 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("--resume-from", "TRAINER_RESUME_FROM", default=None,
             type=Matching("run_id", RUN_ID, "a 32-character run id", optional=True),
             help="continue from the last checkpoint of this run, in a new run"),
+    Setting("--nproc", "TRAINER_NPROC", type=click.IntRange(1, 1024), default=1,
+            help="training processes on this node; above 1 (or with --nnodes) PyTorch's elastic launcher starts "
+                 "them and they train one model with DDP"),
+    Setting("--nnodes", "TRAINER_NNODES", type=click.IntRange(1, 1024), default=1,
+            help="hosts taking part; each runs the same command with its own --node-rank"),
+    Setting("--node-rank", "TRAINER_NODE_RANK", type=click.IntRange(0, 1023), default=0,
+            help="this host's number, 0 to nnodes-1; node 0 hosts the rendezvous and creates the MLflow run"),
+    Setting("--rdzv-endpoint", "TRAINER_RDZV_ENDPOINT", default=None,
+            type=Matching("endpoint", ENDPOINT, "host or host:port", optional=True),
+            help="node 0's rendezvous address, port 29400 if omitted; needed with --nnodes above 1"),
+    Setting("--rdzv-id", "TRAINER_RDZV_ID", default=None,
+            type=Matching("rdzv_id", RDZV_ID, "letters, digits, '_', '.' or '-', at most 128", optional=True),
+            help="job id shared by every node; needed with --nnodes above 1 (one host: a fresh one)"),
+    Setting("--rdzv-timeout", "TRAINER_RDZV_TIMEOUT", type=FiniteRange(1, 86400), default=300,
+            help="seconds to wait for the rendezvous endpoint to answer and every node to join"),
+    Setting("--max-restarts", "TRAINER_MAX_RESTARTS", type=click.IntRange(0, 100), default=0,
+            help="times the launcher restarts all processes after one dies; they resume the same run"),
+    Setting("--lr-scaling", "TRAINER_LR_SCALING", type=click.Choice(LR_SCALINGS), default="none",
+            help="none keeps --lr whatever the process count; linear multiplies it by the number of processes"),
 )
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -313,6 +344,12 @@ def parse(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None =
     values["tracking"] = not values.pop("no_tracking")
     if values["resume_from"] and not values["tracking"]:
         raise ConfigError("--resume-from needs tracking: it reads the checkpoint from MLflow")
+    if values["node_rank"] >= values["nnodes"]:
+        raise ConfigError(f"--node-rank must be below --nnodes ({values['nnodes']}), got {values['node_rank']}")
+    if values["nnodes"] > 1:
+        for key, flag in (("rdzv_endpoint", "--rdzv-endpoint"), ("rdzv_id", "--rdzv-id")):
+            if not values[key]:
+                raise ConfigError(f"--nnodes {values['nnodes']} needs {flag}, the same on every node")
     if values["tracking"]:
         # Every logged model is signed; a run that could not sign its model is not started.
         values["signing_key"] = signing_key(environ)

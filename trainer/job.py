@@ -47,8 +47,9 @@ def fit(state: TrainingState, train_split: data.Split, test_split: data.Split, c
     on_evaluation(epoch, evaluation) follows each epoch's checkpoint; a sweep reports the
     accuracy there and may end a hopeless trial by raising.
     """
-    progress = state.progress
-    steps = data.steps_per_epoch(len(train_split), conf.batch_size)
+    progress, world = state.progress, state.world
+    shard = world.shard_len(len(train_split))
+    steps = data.steps_per_epoch(shard, conf.batch_size)
 
     def on_log(metrics: loop.Metrics, p: loop.Progress) -> None:
         logger.log({"train_loss": metrics["loss"], "train_accuracy": metrics["accuracy"],
@@ -57,14 +58,14 @@ def fit(state: TrainingState, train_split: data.Split, test_split: data.Split, c
             f"global {p.global_step}  loss {metrics['loss']:.4f}  acc {metrics['accuracy']:.4f}  "
             f"{metrics['images_per_sec']:.0f} img/s")
 
-    per_epoch = len(train_split) - (1 if len(train_split) % conf.batch_size == 1 else 0)
-    images = (conf.epochs - progress.epoch) * per_epoch - progress.step_in_epoch * conf.batch_size
+    per_epoch = world.size * (shard - (1 if shard % conf.batch_size == 1 else 0))
+    images = (conf.epochs - progress.epoch) * per_epoch - progress.step_in_epoch * conf.batch_size * world.size
     fit_started = time.perf_counter()
     evaluation = None
     while progress.epoch < conf.epochs:
         started = time.perf_counter()
         loop.train_epoch(state, train_split, conf, on_log, stop)
-        evaluation = loop.evaluate(state.model, test_split, state.device)
+        evaluation = loop.evaluate(state.model, test_split, state.device, world=world)
         seconds = time.perf_counter() - started
         logger.log({"eval_loss": evaluation["loss"], "eval_accuracy": evaluation["accuracy"],
                     "epoch": progress.epoch, "epoch_seconds": seconds}, progress.global_step)

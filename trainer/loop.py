@@ -18,6 +18,7 @@ from torch import nn
 from trainer import data
 from trainer.config import Config, ConfigError
 from trainer.data import standardise
+from trainer.world import SINGLE, World
 
 EVAL_BATCH_SIZE = 1000
 
@@ -45,6 +46,10 @@ class TrainingState:
     optimizer: torch.optim.Optimizer
     device: torch.device
     progress: Progress = field(default_factory=Progress)
+    world: World = SINGLE
+    # With several processes, the DistributedDataParallel wrapper that steps go through;
+    # `model` stays the plain module that checkpoints, evaluation and export use.
+    replica: nn.Module | None = None
 
 
 Metrics = dict[str, float]
@@ -98,8 +103,9 @@ def learning_rate(base: float, schedule: str, step: int, total_steps: int) -> fl
 class Meter:
     """Running sums on the device; read() is the only host sync."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, world: World = SINGLE) -> None:
         self.device = device
+        self.world = world
         self.reset()
 
     def reset(self) -> None:
@@ -116,6 +122,12 @@ class Meter:
 
     def read(self) -> Metrics:
         elapsed = max(time.perf_counter() - self.started, 1e-9)
+        if self.world.size > 1:
+            # One all-reduce of the three sums: every rank logs the same global numbers.
+            sums = self.world.sum(torch.stack([self.loss_sum.double(), self.correct.double(),
+                                               torch.tensor(float(self.count), dtype=torch.float64,
+                                                            device=self.device)]))
+            self.loss_sum, self.correct, self.count = sums[0], sums[1], int(sums[2].item())
         loss = self.loss_sum.item() / self.count
         accuracy = self.correct.item() / self.count
         result = {"loss": loss, "accuracy": accuracy, "images_per_sec": self.count / elapsed}
@@ -130,11 +142,12 @@ def train_epoch(state: TrainingState, split: data.Split, conf: Config,
     on_log(metrics, progress) is called every --log-every global steps, and at the end of the
     epoch, with the train loss, accuracy and images/s averaged since the previous call.
     """
-    model, optimizer, progress = state.model, state.optimizer, state.progress
-    steps = data.steps_per_epoch(len(split), conf.batch_size)
+    model, optimizer, progress, world = state.replica or state.model, state.optimizer, state.progress, state.world
+    steps = data.steps_per_epoch(world.shard_len(len(split)), conf.batch_size)
     model.train()
-    order = data.epoch_order(len(split), conf.seed, progress.epoch, state.device)
-    meter = Meter(state.device)
+    # Every rank draws the same order from the shared seed and takes its own share of it.
+    order = world.shard(data.epoch_order(len(split), conf.seed, progress.epoch, state.device))
+    meter = Meter(state.device, world)
     for images, labels in data.batches(split, order, conf.batch_size, progress.step_in_epoch):
         if should_stop():
             raise StopRequested()
@@ -166,18 +179,26 @@ def train_epoch(state: TrainingState, split: data.Split, conf: Config,
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, split: data.Split, device: torch.device,
-             num_classes: int = 10) -> dict[str, float | torch.Tensor]:
-    """Loss, accuracy and the confusion matrix (rows: true class, columns: predicted)."""
+             num_classes: int = 10, world: World = SINGLE) -> dict[str, float | torch.Tensor]:
+    """Loss, accuracy and the confusion matrix (rows: true class, columns: predicted).
+
+    With several ranks each evaluates every size-th image and the sums are all-reduced, so
+    every test image counts exactly once."""
     model.eval()
     loss_sum = torch.zeros((), device=device)
     confusion = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=device)
-    for start in range(0, len(split), EVAL_BATCH_SIZE):
-        images = split.images[start:start + EVAL_BATCH_SIZE]
-        labels = split.labels[start:start + EVAL_BATCH_SIZE]
+    mine = split if world.size == 1 else data.Split(split.images[world.rank::world.size],
+                                                     split.labels[world.rank::world.size])
+    for start in range(0, len(mine), EVAL_BATCH_SIZE):
+        images = mine.images[start:start + EVAL_BATCH_SIZE]
+        labels = mine.labels[start:start + EVAL_BATCH_SIZE]
         with autocast(device):
             logits = model(standardise(images))
         loss_sum += F.cross_entropy(logits.float(), labels, reduction="sum")
         confusion += torch.bincount(labels * num_classes + logits.argmax(1), minlength=num_classes**2)
+    if world.size > 1:
+        world.sum(confusion)
+        world.sum(loss_sum)
     confusion = confusion.view(num_classes, num_classes).cpu()
     n = max(len(split), 1)
     return {
