@@ -16,13 +16,14 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from serving import config, scoring
+from serving import config, prediction_log, scoring
 from serving.model_store import LoadedModel
 from serving.scoring import Reply, error_reply
 from serving.watcher import AliasWatcher
@@ -154,6 +155,7 @@ class ServingApp:
         self._name_header = [(b"x-model-name", settings.model_name.encode("latin-1", "replace"))]
         self._batcher = _Batcher(settings.batch_max_rows) if settings.batch_max_rows > 1 else None
         self.body_idle_seconds = BODY_IDLE_SECONDS
+        self.prediction_log = prediction_log.from_settings(settings)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -162,9 +164,11 @@ class ServingApp:
             _configure_logging()
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="scoring")
             self.watcher.start()
+            self.prediction_log.start()
 
     def stop(self) -> None:
         self.watcher.stop()
+        self.prediction_log.stop()
         if self._executor is not None:
             self._executor.shutdown(wait=False)
 
@@ -231,6 +235,7 @@ class ServingApp:
     # -- /invocations ------------------------------------------------------------------------
 
     async def _invocations(self, model: LoadedModel | None, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
         body = await self._read_body(scope, receive, send, model)
         if body is None:
             return
@@ -279,9 +284,11 @@ class ServingApp:
                 else:
                     reply = scoring.predict_reply(model, data)
             else:
+                data = body  # parsed again off the request path, if this request is logged
                 loop = asyncio.get_running_loop()
                 reply = await loop.run_in_executor(self._executor, scoring.score_json, model, body, direct)
             if reply is not None:
+                self.prediction_log.record(model.ref.version, data, reply, time.perf_counter() - started)
                 return await self._send(send, reply, model)
         await self._forward(model, scope, receive, send, body)
 
