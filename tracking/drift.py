@@ -188,10 +188,16 @@ def figure(summary: dict[str, Any], classes: list[str]) -> Figure:
         metrics = entry.get("metrics") or {}
         left.set_title(f"v{version}: predicted classes" + (f" (PSI {metrics['class_psi']:.3f})" if metrics else ""))
         left.legend(fontsize=8)
-        right.plot(centres, distributions.shares(entry["served_intensity_counts"]), marker="o", label="served")
+        # Log scale: black background pixels outnumber the rest; empty bins at the floor PSI uses.
+        floor = distributions.SHARE_FLOOR
+        right.plot(centres, np.maximum(distributions.shares(entry["served_intensity_counts"]), floor), marker="o",
+                   label="served")
         if reference:
-            right.plot(centres, distributions.shares(reference["intensity_counts"]), marker="x", label="reference")
+            right.plot(centres, np.maximum(distributions.shares(reference["intensity_counts"]), floor), marker="x",
+                       label="reference")
         right.set_yscale("log")
+        right.set_xlabel("pixel value")
+        left.set_ylabel("share")
         right.set_title(f"v{version}: pixel intensity" + (f" (PSI {metrics['intensity_psi']:.3f})" if metrics else ""))
         right.legend(fontsize=8)
     return fig
