@@ -150,11 +150,15 @@ class MlflowUploader:
         if day not in self._runs:
             experiment_id = self._experiment()
             run_id = self._oldest_run(experiment_id, day)
+            created = None
             if run_id is None:
-                run = self.client.create_run(experiment_id, run_name=f"predictions-{day}", tags={DAY_TAG: day})
-                self.client.set_terminated(run.info.run_id)  # a container of files, not a job that runs
-                run_id = self._oldest_run(experiment_id, day) or run.info.run_id
+                created = self.client.create_run(experiment_id, run_name=f"predictions-{day}",
+                                                 tags={DAY_TAG: day}).info.run_id
+                run_id = self._oldest_run(experiment_id, day) or created
+            # Kept before anything else can fail, so that a failing upload never makes another run.
             self._runs = {d: r for d, r in self._runs.items() if d >= day} | {day: run_id}
+            if created is not None:
+                self.client.set_terminated(created)  # a container of files, not a job that runs
         return self._runs[day]
 
     def upload(self, day: str, path: Path) -> None:

@@ -193,3 +193,28 @@ def test_a_served_request_is_logged_and_answered_while_uploads_fail(app_logging_
     [(_, table)] = recording.tables
     assert table.column("model_version").to_pylist() == ["1"]
     assert table.column("probabilities").to_pylist()[0] == pytest.approx(reply.json()["predictions"][0])
+
+
+class RefusingUploads:
+    """An account that may create runs but whose uploads are refused."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def __getattr__(self, name):
+        return getattr(self.client, name)
+
+    def log_artifact(self, *args, **kwargs):
+        raise PermissionError("403: permission denied")
+
+
+def test_refused_uploads_never_make_another_run(tracking):
+    plog = PredictionLog(1.0, 1000, 60, MlflowUploader("fashion-inference", RefusingUploads(tracking)),
+                         clock=lambda: DAY_1)
+    for _ in range(3):
+        plog.record("3", image_request(), answer(), 0.001)
+        assert plog.flush() == 0
+
+    assert plog.buffered_rows == 3 and plog.upload_failures == 3
+    experiment_id = tracking.get_experiment_by_name("fashion-inference").experiment_id
+    assert len(tracking.search_runs([experiment_id])) == 1
