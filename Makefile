@@ -9,6 +9,12 @@ ENV_FILE := .env
 env_value = $(shell ENV_FILE=$(ENV_FILE) scripts/env-value.sh $(1))
 COMPOSE_FILES = $(or $(call env_value,COMPOSE_FILE),compose.yaml)
 GPU ?= 0
+# MONITORING=1: `make up` also starts Prometheus (the compose profile `monitoring`).
+MONITORING ?= 0
+comma := ,
+ifeq ($(MONITORING),1)
+  export COMPOSE_PROFILES := $(if $(COMPOSE_PROFILES),$(COMPOSE_PROFILES)$(comma))monitoring
+endif
 ifeq ($(GPU),1)
   TRAIN_COMPOSE_FILES = $(COMPOSE_FILES):compose.gpu.yaml
 else
@@ -23,7 +29,8 @@ export GIT_COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null)
 
 .PHONY: help env up down build offline-images train predict logs ps models promote sign rollback \
         test test-unit test-integration lint bench bench-trainer bench-serving bench-direct-path bench-switch \
-        bench-tracking bench-cold-start bench-load backup restore clean doctor lock k8s-check k8s-e2e
+        bench-tracking bench-cold-start bench-load backup restore clean doctor lock k8s-check k8s-e2e \
+        monitoring-check
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[1m%-18s\033[0m %s\n", $$1, $$2}'
@@ -45,7 +52,7 @@ up: build ## Build, start detached, wait until healthy, print the URLs
 	@scripts/print-urls.sh
 
 down: ## Stop the stack; every run, model and artifact is kept
-	@$(COMPOSE) --profile train down
+	@$(COMPOSE) --profile train --profile monitoring down
 
 train: env ## Train, log, register and maybe promote (ARGS="--epochs 5", GPU=1 for the GPU)
 	@COMPOSE_FILE=$(TRAIN_COMPOSE_FILES) $(COMPOSE) run --rm trainer $(ARGS)
@@ -81,7 +88,7 @@ $(VENV_STAMP): pyproject.toml docker/requirements/constraints.txt docker/require
 	@$(VENV)/bin/pip install -q --disable-pip-version-check --no-deps -e .
 	@touch $@
 
-test: lint k8s-check test-unit test-integration ## Run every test (lint, Kubernetes manifests, unit, then the whole stack in Docker)
+test: lint k8s-check monitoring-check test-unit test-integration ## Run every test (lint, Kubernetes manifests, alert rules, unit, then the whole stack in Docker)
 
 lint: $(VENV_STAMP) ## Check the Python code with ruff (configured in pyproject.toml)
 	@$(VENV)/bin/ruff check .
@@ -89,6 +96,10 @@ lint: $(VENV_STAMP) ## Check the Python code with ruff (configured in pyproject.
 k8s-check: ## Render, validate (Kubernetes 1.37) and checkov deploy/kubernetes; installs its tools first
 	@scripts/k8s-tools.sh
 	@scripts/k8s-check.sh
+
+monitoring-check: ## Check the Prometheus config and test the alert rules with promtool (fetched first)
+	@scripts/monitoring-tools.sh
+	@monitoring/promtool-test.sh promtool
 
 k8s-e2e: ## The stack on a throwaway kind cluster: deploy, train on generated data, predict (needs kind and its node image)
 	@scripts/k8s-e2e.sh

@@ -15,6 +15,9 @@ The stack is up.
 $(if [[ "$(value COMPOSE_FILE)" == *compose.tls.yaml* ]]; then
   echo "  Over TLS (team)     : https://$(value TLS_HOSTNAME):$(value MLFLOW_TLS_PORT)   and   https://$(value TLS_HOSTNAME):$(value SERVING_TLS_PORT)/invocations"
 fi)
+$(if [[ ",${COMPOSE_PROFILES:-}," == *,monitoring,* ]]; then
+  echo "  Prometheus          : http://$host:$(value PROMETHEUS_PORT)/alerts   (MONITORING=1; monitoring/README.md)"
+fi)
 
 Next: docker compose run trainer      (or: make train ARGS="--epochs 5")
       make predict                    (sends real test images once a model holds @$(value MODEL_ALIAS))

@@ -7,6 +7,7 @@ with gunicorn.
 
 import os
 import sys
+import tempfile
 
 from serving import config
 
@@ -23,6 +24,11 @@ def _prepare_environment(settings: config.Settings) -> None:
     # Thread pools sized before torch or numpy start them: workers x threads <= cores.
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         env.setdefault(name, str(settings.torch_threads))
+    # Workers keep their Prometheus values in files there; prometheus_client reads the
+    # variable when it is imported, so it is set before gunicorn starts any worker. A
+    # directory of its own unless one is given: two servers must not mix their values.
+    if not env.get("PROMETHEUS_MULTIPROC_DIR"):
+        env["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="serving-metrics-")
     # MLflow's client retry bounds and telemetry switch come from compose's client environment.
 
 

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from serving import config, prediction_log, scoring
+from serving import config, metrics, prediction_log, scoring
 from serving.model_store import LoadedModel
 from serving.scoring import Reply, error_reply
 from serving.watcher import AliasWatcher
@@ -165,6 +165,7 @@ class ServingApp:
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="scoring")
             self.watcher.start()
             self.prediction_log.start()
+            metrics.start_memory_sampler()
 
     def stop(self) -> None:
         self.watcher.stop()
@@ -202,8 +203,12 @@ class ServingApp:
         path = scope["path"]
         method = scope["method"]
         if path == "/invocations" and method == "POST":
-            return await self._invocations(model, scope, receive, send)
+            return await metrics.measure_invocation(
+                lambda receive, send: self._invocations(model, scope, receive, send), receive, send)
         if method in ("GET", "HEAD"):
+            if path == "/metrics":
+                return await metrics.send_metrics(self.settings.metrics_token, _header(scope, b"authorization"),
+                                                  send, model.headers if model is not None else self._name_header)
             if path in ("/ping", "/health"):
                 state = "serving" if model is not None else "waiting"
                 return await self._send(send, Reply(200, b'{"state": "%s"}' % state.encode()), model)
@@ -277,6 +282,7 @@ class ServingApp:
             direct = self.settings.direct_path
             if len(body) <= INLINE_MAX_BYTES:
                 data = scoring.parse_json_body(model, body, direct)
+                metrics.request_rows(data)
                 if data is None or isinstance(data, Reply):
                     reply = data
                 elif self._batcher is not None and model.batchable:
@@ -286,7 +292,8 @@ class ServingApp:
             else:
                 data = body  # parsed again off the request path, if this request is logged
                 loop = asyncio.get_running_loop()
-                reply = await loop.run_in_executor(self._executor, scoring.score_json, model, body, direct)
+                reply = await loop.run_in_executor(self._executor, scoring.score_json, model, body, direct,
+                                                   metrics.request_rows)
             if reply is not None:
                 self.prediction_log.record(model.ref.version, data, reply, time.perf_counter() - started)
                 return await self._send(send, reply, model)

@@ -12,12 +12,14 @@ import os
 import re
 from collections.abc import Mapping
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 import model_signatures
 from stack_common.settings import ConfigError, EnvSettings, load
 
 MIB = 1024 * 1024
+# A bearer token shorter than this could be guessed (`make env` writes 32 random characters).
+METRICS_TOKEN_MIN_LENGTH = 16
 
 # Same rule as MLflow's registry applies to alias names, so a bad alias fails here
 # instead of as an endless "alias not found" wait.
@@ -67,6 +69,8 @@ class Settings(EnvSettings):
                                                 description="seconds between two uploads of the prediction log")
     prediction_log_experiment: str = Field("", alias="PREDICTION_LOG_EXPERIMENT", max_length=500,
                                            description="the prediction log's experiment; empty: <MODEL_NAME>-inference")
+    metrics_token: SecretStr = Field(SecretStr(""), alias="SERVING_METRICS_TOKEN",
+                                     description="bearer token GET /metrics requires; unset turns /metrics off")
 
     @field_validator("tracking_uri")
     @classmethod
@@ -97,6 +101,15 @@ class Settings(EnvSettings):
                 return model_signatures.public_key_from_env({"MODEL_SIGNING_PUBLIC_KEY": value})
             except model_signatures.KeyProblem as e:
                 raise ValueError(str(e)) from None
+        return value
+
+    @field_validator("metrics_token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr) -> SecretStr:
+        # The message names the variable itself, so that the one-line error never echoes the secret.
+        if 0 < len(value.get_secret_value()) < METRICS_TOKEN_MIN_LENGTH:
+            raise ValueError(f"SERVING_METRICS_TOKEN is too short: use at least {METRICS_TOKEN_MIN_LENGTH} "
+                             "random characters (make env writes one)")
         return value
 
     @property

@@ -6,9 +6,15 @@ Start with `python -m serving`, which validates the environment first and then r
 
 import os
 import sys
+from typing import TYPE_CHECKING
 
 # Every top-level name here that matches a gunicorn setting is read as one, hence the alias.
 from serving import config as serving_config
+from serving import metrics_files
+
+if TYPE_CHECKING:
+    from gunicorn.arbiter import Arbiter
+    from gunicorn.workers.base import Worker
 
 try:
     _settings = serving_config.from_env()
@@ -48,3 +54,12 @@ errorlog = "-"
 loglevel = "info"
 # One line per request costs throughput; the version header tells clients what answered.
 accesslog = None
+
+
+# Prometheus values of all workers live in PROMETHEUS_MULTIPROC_DIR (serving/metrics.py).
+def on_starting(server: "Arbiter") -> None:
+    metrics_files.reset()
+
+
+def child_exit(server: "Arbiter", worker: "Worker") -> None:
+    metrics_files.forget_worker(worker.pid)

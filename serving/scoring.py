@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
@@ -143,9 +144,13 @@ def parse_json_body(model: LoadedModel, body: bytes, direct: bool = True) -> Rep
         return None  # e.g. an integer beyond float range: MLflow's parser words the error
 
 
-def score_json(model: LoadedModel, body: bytes, direct: bool = True) -> Reply | None:
-    """Answer a JSON body, or None when MLflow's scoring app should read it."""
+def score_json(model: LoadedModel, body: bytes, direct: bool = True,
+               on_parsed: Callable[[object], None] | None = None) -> Reply | None:
+    """Answer a JSON body, or None when MLflow's scoring app should read it. `on_parsed`
+    sees what parse_json_body returned (the request metrics count its rows)."""
     data = parse_json_body(model, body, direct)
+    if on_parsed is not None:
+        on_parsed(data)
     if data is None or isinstance(data, Reply):
         return data
     return predict_reply(model, data)

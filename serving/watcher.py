@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 import model_signatures
+from serving import metrics
 from serving.config import Settings
 from stack_common.text import one_line
 from stack_common.uris import redact
@@ -208,6 +209,7 @@ class AliasWatcher:
             self._registry_errors = 0
             self._error_log.reset()
         self.alias_version = target.version
+        metrics.alias_seen(target.version)
 
         current = self.current
         if current is not None and current.ref == target:
@@ -230,6 +232,7 @@ class AliasWatcher:
     def _alias_missing(self, reason: str) -> float:
         s = self.settings
         self.alias_version = None
+        metrics.alias_seen(None)
         if self.current is None:
             self.waiting_for = f"waiting for {self._wanted()}: no version holds the alias yet"
             self._set_error(None)
@@ -279,9 +282,11 @@ class AliasWatcher:
             count = (failure.count if failure else 0) + 1
             delay = version_retry_delay(s.poll_seconds, count)
             if isinstance(e, model_signatures.Refused):
+                metrics.version_refused(time.monotonic() - started)
                 message = f"version {target.version} refused: {e.reason}"
                 detail = e.detail
             else:
+                metrics.version_failed(step, time.monotonic() - started)
                 message = (f"version {target.version}: {STEP_WORDS[step]} it failed "
                            "(the serving log says why)")
                 detail = f"{type(e).__name__}: {one_line(e)}"
@@ -301,8 +306,10 @@ class AliasWatcher:
             )
             return
 
+        metrics.version_prepared(time.monotonic() - started)
         previous = self.current
         self.current = candidate  # the switch: requests from now on get the new version
+        metrics.version_swapped(target.version)
         self._failures = {}
         self._set_error(None)
         self.waiting_for = ""

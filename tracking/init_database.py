@@ -105,14 +105,18 @@ def main() -> None:
             ensure_role(cur, role, conf.password.get_secret_value())
             for database in databases:
                 ensure_database(cur, database, role)
+            ensure_role(cur, conf.optuna_user, conf.optuna_password.get_secret_value())
+            ensure_database(cur, conf.optuna_db, conf.optuna_user)
             # Postgres's maintenance database is the superuser's alone.
             cur.execute("REVOKE CONNECT ON DATABASE postgres FROM PUBLIC")
     finally:
         conn.close()
     moved = sum(hand_over_contents(conf, database, role) for database in databases)
+    moved += hand_over_contents(conf, conf.optuna_db, conf.optuna_user)
     if moved:
         settings.log(f"handed {moved} existing tables, sequences and types to {role}")
-    settings.log(f"role {role} owns databases {', '.join(databases)}, nothing else")
+    settings.log(f"role {role} owns databases {', '.join(databases)}, nothing else; "
+                 f"role {conf.optuna_user} owns {conf.optuna_db}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ models (auth_guard.py):
   trainer   EDIT on its experiment and registered model
   serving   READ on its registered model and on the experiment its files live in, and DENY
             on every run and trace (role stack-model-readers): the model, nothing else
+  monitoring  nothing: Prometheus's login for /metrics, which asks for a login only
 
 Passwords come from .env and are re-applied on every start, so rotating one in .env and
 running `make up` is the whole procedure. Roles and grants are re-applied too.
@@ -23,6 +24,9 @@ from mlflow.exceptions import MlflowException, RestException
 from mlflow.server import get_app_client
 
 from tracking import settings
+
+# Fixed, like the name in monitoring/prometheus.yml: Prometheus expands no variables there.
+MONITORING_USERNAME = "monitoring"
 
 if TYPE_CHECKING:
     from mlflow.server.auth.client import AuthServiceClient
@@ -104,6 +108,8 @@ def main() -> None:
     auth = get_app_client("basic-auth", tracking_uri=tracking_uri)
     ensure_user(auth, trainer, conf.trainer_password.get_secret_value())
     ensure_user(auth, serving, conf.serving_password.get_secret_value())
+    # Prometheus's login for /metrics, which asks for a login and no permission: it gets none.
+    ensure_user(auth, MONITORING_USERNAME, conf.monitoring_password.get_secret_value())
 
     client = MlflowClient(tracking_uri)
     experiment_id = ensure_experiment(client, conf.experiment_name)

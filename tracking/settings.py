@@ -70,6 +70,22 @@ class DatabaseInit(Postgres):
                              "as a role of its own, never as the superuser")
         return self
 
+    # Sweeps keep their Optuna study in a database of their own, under a role that owns it
+    # and nothing else: the sweep workers hold that role, never the tracking server's.
+    optuna_user: str = Field("optuna", alias="OPTUNA_DB_USER", min_length=1,
+                             description="the role sweep workers log in as")
+    optuna_password: SecretStr = Field(alias="OPTUNA_DB_PASSWORD", description="that role's password")
+    optuna_db: str = Field("optuna", alias="OPTUNA_DB", min_length=1, description="the sweeps' study database")
+
+    @model_validator(mode="after")
+    def _optuna_apart(self) -> DatabaseInit:
+        if self.optuna_user in (self.user, self.superuser):
+            raise ValueError("OPTUNA_DB_USER must differ from MLFLOW_DB_USER and POSTGRES_USER: sweep workers "
+                             "get a role of their own")
+        if self.optuna_db in (*Postgres.databases(self), "postgres"):
+            raise ValueError("OPTUNA_DB must name a database of its own")
+        return self
+
     def superuser_params(self, database: str) -> dict[str, Any]:
         return {**self.params(database), "user": self.superuser,
                 "password": self.superuser_password.get_secret_value()}
@@ -155,6 +171,8 @@ class Accounts(Admin):
     trainer_password: SecretStr = Field(alias="TRAINER_PASSWORD", description="its password")
     serving_username: str = Field(alias="SERVING_USERNAME", min_length=1, description="serving's account")
     serving_password: SecretStr = Field(alias="SERVING_PASSWORD", description="its password")
+    monitoring_password: SecretStr = Field(alias="MONITORING_PASSWORD",
+                                           description="the password Prometheus reads /metrics with")
     experiment_name: str = Field(alias="EXPERIMENT_NAME", min_length=1, description="the trainer's experiment")
     model_name: str = Field(alias="MODEL_NAME", min_length=1, description="the registered model")
 

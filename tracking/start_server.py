@@ -10,6 +10,7 @@ Either way the app runs behind the request body limit (body_limit.py).
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 
 from tracking import reset_admin, settings, upgrade_schema
@@ -64,6 +65,15 @@ def prepare_single_sign_on(conf: settings.Server) -> None:
         engine.dispose()
 
 
+def fresh_metrics_dir() -> str:
+    """Where the workers' Prometheus counters live (MLflow's --expose-prometheus): emptied at
+    every start, so counts from a previous container's workers never add into these."""
+    path = os.path.join(tempfile.gettempdir(), "prometheus-metrics")
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, mode=0o700)
+    return path
+
+
 def allowed_hosts(port: int, public_hosts: str) -> str:
     # Service-name access from the other containers, loopback from the host, plus every
     # public name the team uses. Private address ranges are deliberately not allowed by
@@ -112,6 +122,8 @@ def main() -> None:
         "--port", str(port),
         "--workers", str(conf.workers),
         "--allowed-hosts", allowed_hosts(port, conf.public_hosts),
+        # /metrics for Prometheus, behind the same login as the API (the monitoring account).
+        "--expose-prometheus", fresh_metrics_dir(),
     ]
     if origins:
         args += ["--cors-allowed-origins", origins]

@@ -9,7 +9,7 @@ root=$(cd "$(dirname "$0")/../.." && pwd)
 ns=${1:?usage: $0 NAMESPACE [--with-stores]}
 v() { "$root/scripts/env-value.sh" "$1"; }
 
-for name in POSTGRES_PASSWORD MLFLOW_DB_PASSWORD S3_APP_ACCESS_KEY S3_APP_SECRET_KEY MLFLOW_ADMIN_PASSWORD \
+for name in POSTGRES_PASSWORD MLFLOW_DB_PASSWORD OPTUNA_DB_PASSWORD S3_APP_ACCESS_KEY S3_APP_SECRET_KEY MLFLOW_ADMIN_PASSWORD \
             MLFLOW_FLASK_SERVER_SECRET_KEY TRAINER_PASSWORD SERVING_PASSWORD MODEL_SIGNING_KEY MODEL_SIGNING_PUBLIC_KEY; do
   [ -n "$(v "$name")" ] || { echo "create-secrets: $name is empty in ${ENV_FILE:-.env}; run 'make env'" >&2; exit 1; }
 done
@@ -25,6 +25,7 @@ secret() {  # NAME KEY=SETTING...: one generic Secret, replaced if it exists
 
 secret mlops-postgres-superuser POSTGRES_PASSWORD=POSTGRES_PASSWORD
 secret mlops-db-app MLFLOW_DB_PASSWORD=MLFLOW_DB_PASSWORD
+secret mlops-db-optuna OPTUNA_DB_PASSWORD=OPTUNA_DB_PASSWORD
 secret mlops-s3-app S3_APP_ACCESS_KEY=S3_APP_ACCESS_KEY S3_APP_SECRET_KEY=S3_APP_SECRET_KEY
 secret mlops-mlflow-admin MLFLOW_ADMIN_PASSWORD=MLFLOW_ADMIN_PASSWORD
 secret mlops-mlflow-server MLFLOW_FLASK_SERVER_SECRET_KEY=MLFLOW_FLASK_SERVER_SECRET_KEY

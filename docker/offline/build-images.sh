@@ -3,13 +3,14 @@
 # and the npm registry only, so that `docker compose` works where no container registry can be
 # reached. An image that already exists is kept; --force rebuilds it without the build cache.
 #
-#   docker/offline/build-images.sh [--force] [base|postgres|s3 ...]
+#   docker/offline/build-images.sh [--force] [base|postgres|s3|prometheus ...]
 #
 # Settings (environment):
 #   OFFLINE_BASE_IMAGE      base of every image here and of our Python images
 #                           (default mlops-local/debian:trixie)
 #   OFFLINE_POSTGRES_IMAGE  PostgreSQL 17 stand-in (default mlops-local/postgres:17)
 #   OFFLINE_S3_IMAGE        S3 server standing in for MinIO (default mlops-local/s3:s3rver-3.7.1-sigv4)
+#   OFFLINE_PROMETHEUS_IMAGE  Prometheus for the monitoring profile (default mlops-local/prometheus:2.53)
 #   DEBIAN_MIRROR           plain-http Debian mirror for debootstrap and for apt inside images
 #                           (default http://deb.debian.org/debian)
 #   DEBIAN_SECURITY_MIRROR  (default http://deb.debian.org/debian-security)
@@ -23,6 +24,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 OFFLINE_BASE_IMAGE=${OFFLINE_BASE_IMAGE:-mlops-local/debian:trixie}
 OFFLINE_POSTGRES_IMAGE=${OFFLINE_POSTGRES_IMAGE:-mlops-local/postgres:17}
 OFFLINE_S3_IMAGE=${OFFLINE_S3_IMAGE:-mlops-local/s3:s3rver-3.7.1-sigv4}
+OFFLINE_PROMETHEUS_IMAGE=${OFFLINE_PROMETHEUS_IMAGE:-mlops-local/prometheus:2.53}
 DEBIAN_MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 DEBIAN_SECURITY_MIRROR=${DEBIAN_SECURITY_MIRROR:-http://deb.debian.org/debian-security}
 BUILD_CA_BUNDLE=${BUILD_CA_BUNDLE:-}
@@ -40,11 +42,11 @@ for arg in "$@"; do
   case $arg in
     --force) force=true ;;
     -h|--help) usage; exit 0 ;;
-    base|postgres|s3) targets+=("$arg") ;;
+    base|postgres|s3|prometheus) targets+=("$arg") ;;
     *) usage >&2; die "unknown argument: $arg" ;;
   esac
 done
-((${#targets[@]})) || targets=(base postgres s3)
+((${#targets[@]})) || targets=(base postgres s3 prometheus)
 
 # The base image's root filesystem is about 200 MB; never leave it behind, even on failure.
 base_work=
@@ -155,12 +157,13 @@ build_dockerfile() { # image context
   rm -f "$out"
 }
 
-for target in base postgres s3; do
+for target in base postgres s3 prometheus; do
   [[ " ${targets[*]} " == *" $target "* ]] || continue
   case $target in
     base) image=$OFFLINE_BASE_IMAGE ;;
     postgres) image=$OFFLINE_POSTGRES_IMAGE ;;
     s3) image=$OFFLINE_S3_IMAGE ;;
+    prometheus) image=$OFFLINE_PROMETHEUS_IMAGE ;;
   esac
   if ! needs_build "$image"; then
     log "$image exists, kept (--force rebuilds)"
@@ -171,6 +174,7 @@ for target in base postgres s3; do
     base) build_base ;;
     postgres) build_dockerfile "$image" "$here/postgres" ;;
     s3) build_dockerfile "$image" "$here/s3" ;;
+    prometheus) build_dockerfile "$image" "$here/prometheus" ;;
   esac
   log "$image built in $((SECONDS - start)) s"
 done

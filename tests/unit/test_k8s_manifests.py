@@ -212,7 +212,7 @@ def test_each_workload_holds_only_the_secrets_compose_gives_it(dev: list[Resourc
     held = {pod_name_label(w): secret_refs(w) for w in workloads(dev)}
     assert held == {
         "postgres": {"mlops-postgres-superuser"},
-        "db-init": {"mlops-postgres-superuser", "mlops-db-app"},
+        "db-init": {"mlops-postgres-superuser", "mlops-db-app", "mlops-db-optuna"},
         "minio": {"mlops-s3-root"},
         "s3-init": {"mlops-s3-root", "mlops-s3-app"},
         "schema-upgrade": {"mlops-db-app"},

@@ -8,7 +8,7 @@ from tracking import settings
 
 ENV = {
     "POSTGRES_DB": "mlflow", "MLFLOW_DB_USER": "mlflow_app", "MLFLOW_DB_PASSWORD": "p@ss/word",
-    "POSTGRES_USER": "postgres", "POSTGRES_PASSWORD": "root", "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask",
+    "POSTGRES_USER": "postgres", "POSTGRES_PASSWORD": "root", "OPTUNA_DB_PASSWORD": "o", "MLFLOW_FLASK_SERVER_SECRET_KEY": "flask",
     "S3_BUCKET": "mlflow", "AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret",
     "MLFLOW_ADMIN_USERNAME": "admin", "MLFLOW_ADMIN_PASSWORD": "admin-pw", "TRAINER_USERNAME": "trainer",
     "TRAINER_PASSWORD": "t", "SERVING_USERNAME": "serving", "SERVING_PASSWORD": "s",
@@ -106,3 +106,11 @@ def test_service_accounts_need_no_password_and_list_the_groups_grants():
     accounts = load(settings.ServiceAccounts, {**env, "OIDC_READ_GROUPS": "readers, analysts,",
                                                "OIDC_EDIT_GROUPS": "ml-team"})
     assert accounts.group_grants() == [("readers", "READ"), ("analysts", "READ"), ("ml-team", "EDIT")]
+
+
+@pytest.mark.parametrize("change", [{"OPTUNA_DB_USER": "mlflow_app"}, {"OPTUNA_DB_USER": "postgres"},
+                                    {"OPTUNA_DB": "mlflow_auth"}, {"OPTUNA_DB": "postgres"}])
+def test_sweeps_get_a_role_and_database_of_their_own(change):
+    assert load(settings.DatabaseInit, ENV).optuna_db == "optuna"
+    with pytest.raises(ConfigError, match="OPTUNA_DB"):
+        load(settings.DatabaseInit, {**ENV, **change})

@@ -11,9 +11,11 @@ from pathlib import Path
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 from serving_helpers import ONE_IMAGE_BODY, wait_until
 
 JSON = {"content-type": "application/json"}
+METRICS_TOKEN = "metrics-token-for-the-process-test"
 
 
 def free_port():
@@ -26,6 +28,9 @@ def free_port():
 def server(registry, tmp_path):
     name = registry.new_model("good-a", "good-b")
     port = free_port()
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    (metrics_dir / "counter_1.db").write_bytes(b"left by an earlier run")  # gunicorn's master removes it
     env = {
         **os.environ,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -38,6 +43,8 @@ def server(registry, tmp_path):
         "SERVING_BIND_HOST": "127.0.0.1",
         "SERVING_CACHE_DIR": str(tmp_path / "cache"),
         "SERVING_GRACEFUL_TIMEOUT": "10",
+        "SERVING_METRICS_TOKEN": METRICS_TOKEN,
+        "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
     }
     log_path = tmp_path / "serving.log"
     with open(log_path, "wb") as log:
@@ -67,6 +74,21 @@ def process_group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def scrape(base):
+    """{(name, sorted labels): value} of GET /metrics, over every worker."""
+    answer = requests.get(f"{base}/metrics", headers={"authorization": f"Bearer {METRICS_TOKEN}"}, timeout=10)
+    assert answer.status_code == 200, answer.text
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(answer.text)
+        for s in family.samples
+    }
+
+
+def per_worker(found, name):
+    return {dict(labels)["pid"]: value for (n, labels), value in found.items() if n == name}
 
 
 def consecutive(url, version, count):
@@ -129,6 +151,34 @@ def test_container_process_waits_serves_follows_and_stops(registry, server):
     assert not failures, failures[:5]
     assert {v for _, v in results} == {"1", "2"}
     print(f"\n{len(results)} requests over HTTP while the alias moved, none failed")
+
+    # GET /metrics, answered by either worker, counts the requests of both, and shows each
+    # worker's version beside the alias holder's and its memory.
+    assert requests.get(f"{base}/metrics", timeout=10).status_code == 401
+    assert not (Path(env["PROMETHEUS_MULTIPROC_DIR"]) / "counter_1.db").exists()
+    found = wait_until(lambda: (f := scrape(base)) and set(per_worker(f, "serving_model_version").values()) == {2}
+                       and f, timeout=30, what="both workers reported on version 2")
+    assert len(per_worker(found, "serving_model_version")) == 2
+    assert set(per_worker(found, "serving_model_alias_version").values()) == {2}
+    assert all(rss > 10_000_000 for rss in per_worker(found, "serving_worker_resident_memory_bytes").values())
+    answered = {v: found.get(("serving_requests_total", (("code", "200"), ("version", v))), 0) for v in "12"}
+    # The client threads' answers, plus the requests that waited for each worker to switch.
+    assert answered["1"] + answered["2"] >= len(results)
+    assert answered["2"] >= sum(1 for _, v in results if v == "2")
+    assert found[("serving_requests_total", (("code", "503"), ("version", "none")))] >= 1  # before version 1
+    assert found[("serving_model_swaps_total", ())] == 4  # two versions, two workers
+    assert found[("serving_requests_in_flight", ())] == 0
+
+    # A worker that dies is replaced; its gauges go with it (gunicorn's child_exit hook), its
+    # counts stay.
+    dead = sorted(per_worker(found, "serving_model_version"))[0]
+    os.kill(int(dead), signal.SIGKILL)
+    after = wait_until(lambda: (f := scrape(base)) and len(per_worker(f, "serving_model_version")) == 2
+                       and dead not in per_worker(f, "serving_model_version") and f,
+                       timeout=60, what="a new worker in place of the killed one")
+    assert dead not in per_worker(after, "serving_worker_resident_memory_bytes")
+    assert after[("serving_model_swaps_total", ())] >= 4
+    assert after[("serving_requests_total", (("code", "200"), ("version", "2")))] >= answered["2"]
 
     # A body over SERVING_MAX_BODY_BYTES (8 MiB) is refused, and the client reads the 413.
     big = requests.post(invocations, data=b"0" * 10_000_000, headers=JSON, timeout=30)
