@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 import model_signatures
 from stack_common.settings import ConfigError, EnvSettings, load
@@ -69,6 +69,10 @@ class Settings(EnvSettings):
                                                 description="seconds between two uploads of the prediction log")
     prediction_log_experiment: str = Field("", alias="PREDICTION_LOG_EXPERIMENT", max_length=500,
                                            description="the prediction log's experiment; empty: <MODEL_NAME>-inference")
+    prediction_log_username: str = Field("predictions", alias="PREDICTION_LOG_USERNAME", min_length=1,
+                                         description="the MLflow account the prediction log uploads with")
+    prediction_log_password: SecretStr = Field(SecretStr(""), alias="PREDICTION_LOG_PASSWORD",
+                                               description="that account's password; needed when the log is on")
     metrics_token: SecretStr = Field(SecretStr(""), alias="SERVING_METRICS_TOKEN",
                                      description="bearer token GET /metrics requires; unset turns /metrics off")
 
@@ -111,6 +115,14 @@ class Settings(EnvSettings):
             raise ValueError(f"SERVING_METRICS_TOKEN is too short: use at least {METRICS_TOKEN_MIN_LENGTH} "
                              "random characters (make env writes one)")
         return value
+
+    @model_validator(mode="after")
+    def _log_account(self) -> Settings:
+        # Serving's own account may not write runs, so the log needs its own; better said at start.
+        if self.prediction_log_sample > 0 and not self.prediction_log_password.get_secret_value():
+            raise ValueError("PREDICTION_LOG_PASSWORD is not set: the prediction log (PREDICTION_LOG_SAMPLE > 0) "
+                             "uploads with the account PREDICTION_LOG_USERNAME and its password")
+        return self
 
     @property
     def model_uri(self) -> str:

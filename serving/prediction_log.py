@@ -4,8 +4,9 @@ With PREDICTION_LOG_SAMPLE above 0, that fraction of the requests answered on th
 path is kept: each image's pixels, the probabilities and predicted class, the version that
 answered, the latency and the time. The request path only draws the sample and appends to
 a bounded buffer under a lock; a background thread parses, writes Parquet and uploads it
-every PREDICTION_LOG_FLUSH_S through the tracking server's artifact proxy, with serving's
-own MLflow account, into one run per UTC day of the inference experiment. While uploads
+every PREDICTION_LOG_FLUSH_S through the tracking server's artifact proxy, with an MLflow
+account of its own (serving/prediction_upload.py), into one run per UTC day of the inference
+experiment. While uploads
 fail, the buffer keeps the newest PREDICTION_LOG_BUFFER images and counts the rest in
 `dropped_rows`.
 """
@@ -29,18 +30,16 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 import orjson
 
+from serving.prediction_upload import TrackingUploader
 from serving.scoring import Reply
 
 if TYPE_CHECKING:
     import pyarrow as pa
-    from mlflow import MlflowClient
 
     from serving.config import Settings
 
 log = logging.getLogger("serving")
 
-ARTIFACT_DIR = "predictions"
-DAY_TAG = "prediction_day"
 # A body sent as raw JSON is parsed only once it is logged, off the request path; until then
 # its image count is bounded from its size: a 28x28 image takes at least "0," per pixel.
 MIN_JSON_BYTES_PER_IMAGE = 2 * 28 * 28
@@ -111,58 +110,6 @@ def to_table(entries: list[Entry]) -> pa.Table:
         "probabilities": pa.array(columns["probabilities"], pa.list_(pa.float32())),
         "predicted_class": pa.array(columns["predicted_class"], pa.int16()),
     })
-
-
-class MlflowUploader:
-    """Uploads to the day's run of the inference experiment, as serving's MLflow account.
-
-    Several workers (and containers) share a day's run: each finds it by its tag, and one
-    that creates it then settles on the oldest run so tagged, so all converge on one."""
-
-    def __init__(self, experiment_name: str, client: MlflowClient | None = None) -> None:
-        self.experiment_name = experiment_name
-        self._client = client
-        self._experiment_id: str | None = None
-        self._runs: dict[str, str] = {}
-
-    @property
-    def client(self) -> MlflowClient:
-        if self._client is None:
-            from mlflow import MlflowClient
-
-            self._client = MlflowClient()
-        return self._client
-
-    def _experiment(self) -> str:
-        if self._experiment_id is None:
-            found = self.client.get_experiment_by_name(self.experiment_name)
-            # Provisioned by mlflow-init; created here only where the account may create.
-            self._experiment_id = (found.experiment_id if found is not None
-                                   else self.client.create_experiment(self.experiment_name))
-        return self._experiment_id
-
-    def _oldest_run(self, experiment_id: str, day: str) -> str | None:
-        runs = self.client.search_runs([experiment_id], filter_string=f"tags.{DAY_TAG} = '{day}'",
-                                       order_by=["attributes.start_time ASC"], max_results=1)
-        return runs[0].info.run_id if runs else None
-
-    def run_for(self, day: str) -> str:
-        if day not in self._runs:
-            experiment_id = self._experiment()
-            run_id = self._oldest_run(experiment_id, day)
-            created = None
-            if run_id is None:
-                created = self.client.create_run(experiment_id, run_name=f"predictions-{day}",
-                                                 tags={DAY_TAG: day}).info.run_id
-                run_id = self._oldest_run(experiment_id, day) or created
-            # Kept before anything else can fail, so that a failing upload never makes another run.
-            self._runs = {d: r for d, r in self._runs.items() if d >= day} | {day: run_id}
-            if created is not None:
-                self.client.set_terminated(created)  # a container of files, not a job that runs
-        return self._runs[day]
-
-    def upload(self, day: str, path: Path) -> None:
-        self.client.log_artifact(self.run_for(day), str(path), artifact_path=ARTIFACT_DIR)
 
 
 class PredictionLog:
@@ -294,6 +241,10 @@ class PredictionLog:
 
 def from_settings(settings: Settings) -> PredictionLog:
     """The worker's prediction log; with PREDICTION_LOG_SAMPLE=0 one that keeps nothing."""
-    uploader = MlflowUploader(settings.inference_experiment) if settings.prediction_log_sample > 0 else None
+    uploader = None
+    if settings.prediction_log_sample > 0:
+        uploader = TrackingUploader(settings.tracking_uri, settings.inference_experiment,
+                                    settings.prediction_log_username,
+                                    settings.prediction_log_password.get_secret_value())
     return PredictionLog(settings.prediction_log_sample, settings.prediction_log_buffer,
                          settings.prediction_log_flush_seconds, uploader)

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from mlflow import MlflowClient
 
-DAY_TAG = "prediction_day"  # as serving/prediction_log.py tags each day's run
+DAY_TAG = "prediction_day"  # as serving/prediction_upload.py tags each day's run
 PREDICTIONS_DIR = "predictions"
 REFERENCE_ARTIFACT = "reference/stats.json"  # as trainer/reference_stats.py logs it
 REPORT_TAG = "drift_report"
