@@ -5,8 +5,10 @@ Reads the period's Parquet files of the prediction log (serving/prediction_log.p
 inference experiment, groups the rows by the version that answered, and compares each group
 with that version's reference statistics (trainer/reference_stats.py): the predicted classes
 by population stability index, total variation distance and a chi-square test, the pixel
-intensities by population stability index. The report is a run in the inference experiment
-with the metrics, a plot (drift/report.png) and a JSON summary (drift/summary.json).
+intensities by population stability index. The report is a run in the drift experiment
+(DRIFT_EXPERIMENT, default <model name>-drift) with the metrics, a plot (drift/report.png) and
+a JSON summary (drift/summary.json). The inference experiment is only read: it holds what
+serving saw, written by the prediction log's own account, and no report can alter it.
 """
 
 from __future__ import annotations
@@ -221,8 +223,14 @@ def log_report(client: MlflowClient, experiment_id: str, summary: dict[str, Any]
     return run_id
 
 
+def report_experiment(client: MlflowClient, name: str) -> str:
+    """The drift experiment's id; mlflow-init makes it, and the trainer's account may create it too."""
+    experiment = client.get_experiment_by_name(name)
+    return experiment.experiment_id if experiment is not None else client.create_experiment(name)
+
+
 def run_report(client: MlflowClient, experiment_name: str, model_name: str, since: datetime, until: datetime,
-               version: str | None = None) -> tuple[str, dict[str, Any]]:
+               version: str | None = None, report_to: str | None = None) -> tuple[str, dict[str, Any]]:
     """Read, compare and log; return the report's run id and its summary."""
     if until <= since:
         raise DriftError(f"--until {until.isoformat()} is not after --since {since.isoformat()}")
@@ -239,7 +247,8 @@ def run_report(client: MlflowClient, experiment_name: str, model_name: str, sinc
     classes = next((e["reference"].get("classes") for e in summary["versions"].values()
                     if e.get("reference") and e["reference"].get("classes")), None)
     classes = classes or [str(i) for i in range(10)]
-    return log_report(client, experiment.experiment_id, summary, classes), summary
+    report_id = report_experiment(client, report_to or f"{model_name}-drift")
+    return log_report(client, report_id, summary, classes), summary
 
 
 def describe(summary: dict[str, Any]) -> list[str]:
@@ -263,7 +272,10 @@ def describe(summary: dict[str, Any]) -> list[str]:
 @click.option("--model-name", envvar="MODEL_NAME", required=True, help="the registered model [MODEL_NAME]")
 @click.option("--experiment", envvar="PREDICTION_LOG_EXPERIMENT", default=None,
               help="the prediction log's experiment [PREDICTION_LOG_EXPERIMENT; default <model name>-inference]")
-def cli(since: str, until: str | None, version: str | None, model_name: str, experiment: str | None) -> None:
+@click.option("--report-experiment", envvar="DRIFT_EXPERIMENT", default=None,
+              help="where the report run goes [DRIFT_EXPERIMENT; default <model name>-drift]")
+def cli(since: str, until: str | None, version: str | None, model_name: str, experiment: str | None,
+        report_experiment: str | None) -> None:
     """Compare what serving answered in a period with each version's reference statistics."""
     from mlflow import MlflowClient
 
@@ -274,7 +286,8 @@ def cli(since: str, until: str | None, version: str | None, model_name: str, exp
     if version is not None and not version.isdigit():
         raise click.BadParameter(f"{version!r} is not a version number", param_hint="--version")
     client = MlflowClient()
-    run_id, summary = run_report(client, experiment or f"{model_name}-inference", model_name, start, end, version)
+    run_id, summary = run_report(client, experiment or f"{model_name}-inference", model_name, start, end, version,
+                                 report_experiment)
     for line in describe(summary):
         click.echo(line)
     click.echo(f"report: run {run_id} (drift/report.png, drift/summary.json)")

@@ -10,13 +10,15 @@ import mlflow
 import numpy as np
 import pytest
 
-from serving.prediction_log import MlflowUploader, PredictionLog
+from serving.prediction_log import PredictionLog
+from serving.prediction_upload import ARTIFACT_DIR, DAY_TAG
 from serving.scoring import Reply
 from stack_common import distributions
 from tracking import drift
 
 MODEL = "fashion"
 INFERENCE = "fashion-inference"
+DRIFT = "fashion-drift"
 NOON = datetime(2026, 12, 1, 12, 0, tzinfo=UTC).timestamp()
 
 
@@ -36,6 +38,7 @@ def client(tmp_path, monkeypatch, empty_store):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MODEL_NAME", MODEL)
     monkeypatch.delenv("PREDICTION_LOG_EXPERIMENT", raising=False)
+    monkeypatch.delenv("DRIFT_EXPERIMENT", raising=False)
     return mlflow.MlflowClient(uri)
 
 
@@ -59,8 +62,22 @@ def register_reference(client, rng):
     client.create_model_version(MODEL, f"runs:/{run_id}/model", run_id=run_id)
 
 
+class StoreUploader:
+    """Lays the files out as the prediction log's uploader does: one run per day, tagged, files under predictions/."""
+
+    def __init__(self, client):
+        self.client = client
+
+    def upload(self, day, path):
+        found = self.client.get_experiment_by_name(INFERENCE)
+        experiment = found.experiment_id if found else self.client.create_experiment(INFERENCE)
+        runs = self.client.search_runs([experiment], filter_string=f"tags.{DAY_TAG} = '{day}'")
+        run_id = runs[0].info.run_id if runs else self.client.create_run(experiment, tags={DAY_TAG: day}).info.run_id
+        self.client.log_artifact(run_id, str(path), artifact_path=ARTIFACT_DIR)
+
+
 def log_predictions(client, version, batches, at=NOON):
-    plog = PredictionLog(1.0, 100_000, 60, MlflowUploader(INFERENCE, client), rng=random.Random(0), clock=lambda: at)
+    plog = PredictionLog(1.0, 100_000, 60, StoreUploader(client), rng=random.Random(0), clock=lambda: at)
     for inputs, classes in batches:
         probabilities = np.full((len(classes), 10), 0.01)
         probabilities[np.arange(len(classes)), classes] = 0.91
@@ -86,6 +103,7 @@ def test_identical_data_shows_no_drift(client):
     assert entry["metrics"]["class_psi"] < 0.01 and entry["metrics"]["class_tvd"] < 0.01
     assert entry["metrics"]["class_chi2_p"] > 0.5 and entry["metrics"]["intensity_psi"] < 0.01
     run = client.get_run(run_id)
+    assert run.info.experiment_id == client.get_experiment_by_name(DRIFT).experiment_id  # never the inference one
     assert run.data.tags[drift.REPORT_TAG] == "yes"
     assert run.data.metrics["v1.class_psi"] == pytest.approx(entry["metrics"]["class_psi"])
     assert {a.path for a in client.list_artifacts(run_id, "drift")} == {"drift/report.png", "drift/summary.json"}
