@@ -16,13 +16,14 @@ import json
 import logging
 import os
 import sys
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from serving import config, metrics, scoring
+from serving import config, metrics, prediction_log, scoring
 from serving.model_store import LoadedModel
 from serving.rollout import Rollout
 from serving.scoring import Reply, error_reply
@@ -157,6 +158,7 @@ class ServingApp:
         self._name_header = [(b"x-model-name", settings.model_name.encode("latin-1", "replace"))]
         self._batcher = _Batcher(settings.batch_max_rows) if settings.batch_max_rows > 1 else None
         self.body_idle_seconds = BODY_IDLE_SECONDS
+        self.prediction_log = prediction_log.from_settings(settings)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -165,12 +167,14 @@ class ServingApp:
             _configure_logging()
             self._executor = ThreadPoolExecutor(1, thread_name_prefix="scoring")
             self.watcher.start()
+            self.prediction_log.start()
             metrics.start_memory_sampler()
             self.rollout.start()
 
     def stop(self) -> None:
         self.watcher.stop()
         self.rollout.stop()
+        self.prediction_log.stop()
         if self._executor is not None:
             self._executor.shutdown(wait=False)
 
@@ -267,6 +271,7 @@ class ServingApp:
 
     async def _answer(self, model: LoadedModel, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         """Score the body with model (the production or the challenger version) and answer."""
+        started = time.perf_counter()
         coding = _header(scope, b"content-encoding")
         if coding is not None and not _identity_only(coding):
             # Undecoded, a compressed body would be answered as if it were malformed JSON.
@@ -300,10 +305,12 @@ class ServingApp:
                 else:
                     reply = scoring.predict_reply(model, data)
             else:
+                data = body  # parsed again off the request path, if this request is logged
                 loop = asyncio.get_running_loop()
                 reply = await loop.run_in_executor(self._executor, scoring.score_json, model, body, direct,
                                                    metrics.request_rows)
             if reply is not None:
+                self.prediction_log.record(model.ref.version, data, reply, time.perf_counter() - started)
                 return await self._send(send, reply, model)
         await self._forward(model, scope, receive, send, body)
 

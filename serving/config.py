@@ -60,6 +60,19 @@ class Settings(EnvSettings):
                                 description="rows per batched predict call; 1 turns batching off")
     direct_path: bool = Field(True, alias="SERVING_DIRECT_PATH",
                               description="score {\"inputs\": ...} bodies directly; false sends all to MLflow's app")
+    prediction_log_sample: float = Field(0.0, alias="PREDICTION_LOG_SAMPLE", ge=0.0, le=1.0, allow_inf_nan=False,
+                                         description="fraction of requests logged for drift reports; 0 is off")
+    prediction_log_buffer: int = Field(10_000, alias="PREDICTION_LOG_BUFFER", ge=1, le=1_000_000,
+                                       description="logged images held in memory while uploads fail")
+    prediction_log_flush_seconds: float = Field(60.0, alias="PREDICTION_LOG_FLUSH_S", ge=1.0, le=86_400.0,
+                                                allow_inf_nan=False, json_schema_extra={"unit": " seconds"},
+                                                description="seconds between two uploads of the prediction log")
+    prediction_log_experiment: str = Field("", alias="PREDICTION_LOG_EXPERIMENT", max_length=500,
+                                           description="the prediction log's experiment; empty: <MODEL_NAME>-inference")
+    prediction_log_username: str = Field("predictions", alias="PREDICTION_LOG_USERNAME", min_length=1,
+                                         description="the MLflow account the prediction log uploads with")
+    prediction_log_password: SecretStr = Field(SecretStr(""), alias="PREDICTION_LOG_PASSWORD",
+                                               description="that account's password; needed when the log is on")
     metrics_token: SecretStr = Field(SecretStr(""), alias="SERVING_METRICS_TOKEN",
                                      description="bearer token GET /metrics requires; unset turns /metrics off")
     warm_start: bool = Field(True, alias="SERVING_WARM_START",
@@ -128,9 +141,21 @@ class Settings(EnvSettings):
                              "it must differ from MODEL_ALIAS")
         return self
 
+    @model_validator(mode="after")
+    def _log_account(self) -> Settings:
+        # Serving's own account may not write runs, so the log needs its own; better said at start.
+        if self.prediction_log_sample > 0 and not self.prediction_log_password.get_secret_value():
+            raise ValueError("PREDICTION_LOG_PASSWORD is not set: the prediction log (PREDICTION_LOG_SAMPLE > 0) "
+                             "uploads with the account PREDICTION_LOG_USERNAME and its password")
+        return self
+
     @property
     def model_uri(self) -> str:
         return f"models:/{self.model_name}@{self.model_alias}"
+
+    @property
+    def inference_experiment(self) -> str:
+        return self.prediction_log_experiment or f"{self.model_name}-inference"
 
     @property
     def bind(self) -> str:

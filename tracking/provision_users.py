@@ -5,10 +5,16 @@ with the least it needs; nobody reads anything without a grant (default_permissi
 NO_PERMISSIONS) and only admins and the trainer may create experiments and registered
 models (auth_guard.py):
 
-  trainer   EDIT on its experiment and registered model
-  serving   READ on its registered model and on the experiment its files live in, and DENY
-            on every run and trace (role stack-model-readers): the model, nothing else
-  monitoring  nothing: Prometheus's login for /metrics, which asks for a login only
+  trainer      EDIT on its experiment, its registered model and the drift experiment (its
+               reports); READ on the inference experiment (what the drift report compares)
+  serving      READ on its registered model and on the experiment its files live in, and DENY
+               on every run and trace (role stack-model-readers): the model, nothing else
+  predictions  EDIT on the inference experiment only: serving's prediction log uploads with
+               it, since serving's own account may not write a run
+  monitoring   nothing: Prometheus's login for /metrics, which asks for a login only
+
+The inference and drift experiments are made here whether or not the prediction log is on:
+an empty experiment costs nothing, and the log's account may not create one.
 
 Passwords come from .env and are re-applied on every start, so rotating one in .env and
 running `make up` is the whole procedure. Roles and grants are re-applied too.
@@ -94,39 +100,52 @@ def ensure_registered_model(client: MlflowClient, name: str) -> None:
         client.create_registered_model(name, description="FashionMNIST classifier trained by the stack's trainer.")
 
 
-def main() -> None:
-    conf = settings.load(settings.Accounts)
-    port = conf.container_port
-    tracking_uri = f"http://mlflow:{port}"
-    os.environ["MLFLOW_TRACKING_USERNAME"] = conf.admin_username
-    os.environ["MLFLOW_TRACKING_PASSWORD"] = conf.admin_password.get_secret_value()
+def provision(auth: AuthServiceClient, client: MlflowClient, conf: settings.Accounts) -> None:
+    """Users, experiments, the registered model and every grant, as the admin; safe to repeat."""
     trainer = conf.trainer_username
     serving = conf.serving_username
-
-    auth = get_app_client("basic-auth", tracking_uri=tracking_uri)
+    predictions = conf.prediction_log_username
     ensure_user(auth, trainer, conf.trainer_password.get_secret_value())
     ensure_user(auth, serving, conf.serving_password.get_secret_value())
+    ensure_user(auth, predictions, conf.prediction_log_password.get_secret_value())
     # Prometheus's login for /metrics, which asks for a login and no permission: it gets none.
     ensure_user(auth, MONITORING_USERNAME, conf.monitoring_password.get_secret_value())
 
-    client = MlflowClient(tracking_uri)
     experiment_id = ensure_experiment(client, conf.experiment_name)
+    inference_id = ensure_experiment(client, conf.inference_experiment)
+    drift_id = ensure_experiment(client, conf.drift_report_experiment)
     model_name = conf.model_name
     ensure_registered_model(client, model_name)
 
     grants = [
         (trainer, "experiment", experiment_id, "EDIT"),
         (trainer, "registered_model", model_name, "EDIT"),
+        # Drift reports read the prediction log and write their runs apart, so no report can
+        # alter what serving saw.
+        (trainer, "experiment", inference_id, "READ"),
+        (trainer, "experiment", drift_id, "EDIT"),
         # A version's files live under the experiment, so reading them needs the experiment;
         # the role below keeps its runs and traces out of reach.
         (serving, "experiment", experiment_id, "READ"),
         (serving, "registered_model", model_name, "READ"),
+        # The prediction log: a run per day and its files; never in the role below, whose
+        # run DENY would win over this grant.
+        (predictions, "experiment", inference_id, "EDIT"),
     ]
     for grant in grants:
         ensure_grant(auth, *grant)
     ensure_role(auth, *MODEL_READERS, members=[serving])
     settings.log(f"users ready: {trainer} (edit its experiment {experiment_id} and model {model_name}, "
-                 f"may create), {serving} (read model {model_name}, no runs)")
+                 f"may create), {serving} (read model {model_name}, no runs), {predictions} "
+                 f"(edit experiment {inference_id} only)")
+
+
+def main() -> None:
+    conf = settings.load(settings.Accounts)
+    tracking_uri = f"http://mlflow:{conf.container_port}"
+    os.environ["MLFLOW_TRACKING_USERNAME"] = conf.admin_username
+    os.environ["MLFLOW_TRACKING_PASSWORD"] = conf.admin_password.get_secret_value()
+    provision(get_app_client("basic-auth", tracking_uri=tracking_uri), MlflowClient(tracking_uri), conf)
 
 
 if __name__ == "__main__":

@@ -179,6 +179,29 @@ class Accounts(Admin):
                                            description="the password Prometheus reads /metrics with")
     experiment_name: str = Field(alias="EXPERIMENT_NAME", min_length=1, description="the trainer's experiment")
     model_name: str = Field(alias="MODEL_NAME", min_length=1, description="the registered model")
+    prediction_log_username: str = Field("predictions", alias="PREDICTION_LOG_USERNAME", min_length=1,
+                                         description="the account serving's prediction log uploads with")
+    prediction_log_password: SecretStr = Field(alias="PREDICTION_LOG_PASSWORD", description="its password")
+    prediction_log_experiment: str = Field("", alias="PREDICTION_LOG_EXPERIMENT", max_length=500,
+                                           description="the prediction log's experiment; empty: <MODEL_NAME>-inference")
+    drift_experiment: str = Field("", alias="DRIFT_EXPERIMENT", max_length=500,
+                                  description="where drift reports go; empty: <MODEL_NAME>-drift")
+
+    @model_validator(mode="after")
+    def _log_account_apart(self) -> Accounts:
+        others = (self.admin_username, self.trainer_username, self.serving_username, "monitoring")
+        if self.prediction_log_username in others:
+            raise ValueError("PREDICTION_LOG_USERNAME must name an account of its own: it may edit the inference "
+                             "experiment and nothing else")
+        return self
+
+    @property
+    def inference_experiment(self) -> str:
+        return self.prediction_log_experiment or f"{self.model_name}-inference"
+
+    @property
+    def drift_report_experiment(self) -> str:
+        return self.drift_experiment or f"{self.model_name}-drift"
 
 
 class SingleSignOn(EnvSettings):

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 import mlflow
 import torch
 
-from trainer import architectures, checkpoints, data, export, loop, registry, report, tracking
+from trainer import architectures, checkpoints, data, export, loop, reference_stats, registry, report, tracking
 from trainer.config import Config, ConfigError
 from trainer.lifecycle import EXIT_SIGNAL, StopSignals, say, tracked_run, warn
 from trainer.loop import TrainingState
@@ -136,6 +136,8 @@ def publish(model: torch.nn.Module, evaluation: dict[str, Any], test_split: data
     tracked(conf, "logging the confusion matrix", mlflow.log_figure, figure, "confusion_matrix.png")
     tracked(conf, "logging the per-class table", mlflow.log_table, report.per_class_table(confusion, data.CLASSES),
          artifact_file="per_class_accuracy.json")
+    tracked(conf, "logging reference statistics", mlflow.log_dict, reference_stats.compute(confusion, test_split),
+            reference_stats.ARTIFACT)
     model_uri = tracked(conf, "logging the model", export.log_served_model, model, test_split, conf.arch,
                         conf.model_name, conf.signing_key)
     version = tracked(conf, "registering the model", registry.register, model_uri, conf.model_name, run_id, {

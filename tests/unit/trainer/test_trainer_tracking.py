@@ -130,6 +130,16 @@ def test_artifacts_summary_confusion_matrix_table_and_checkpoints(client, first)
     assert "total parameters" in summary and "BatchNorm2d" in summary
 
 
+def test_reference_statistics_are_logged_with_the_version(client, first):
+    run_id = first["result"].run_id
+    stats = mlflow.artifacts.load_dict(f"runs:/{run_id}/reference/stats.json")
+    assert stats["classes"] == list(data.CLASSES) and stats["samples"] == 256
+    assert len(stats["label_counts"]) == len(stats["prediction_counts"]) == 10
+    assert sum(stats["label_counts"]) == sum(stats["prediction_counts"]) == 256
+    assert len(stats["intensity_edges"]) == len(stats["intensity_counts"]) + 1
+    assert sum(stats["intensity_counts"]) == 256 * 28 * 28
+
+
 def version_files(client, version, tmp_path):
     """A copy of the version's files, as serving downloads them."""
     return Path(mlflow.artifacts.download_artifacts(
