@@ -28,7 +28,7 @@ ARGS ?=
 export GIT_COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null)
 
 .PHONY: help env up down build offline-images train sweep predict logs ps models promote sign rollback \
-        canary shadow abort-rollout \
+        canary shadow abort-rollout drift gc \
         test test-unit test-integration lint bench bench-trainer bench-serving bench-direct-path bench-switch \
         bench-tracking bench-cold-start bench-load backup restore clean doctor lock k8s-check k8s-e2e \
         monitoring-check
@@ -96,6 +96,13 @@ abort-rollout: ## End a canary or shadow rollout: production answers every reque
 
 rollback: ## Move the alias back to the version that held it before
 	@$(COMPOSE) run --rm --no-deps -T --entrypoint python trainer -m trainer.registry_cli rollback
+
+drift: ## Drift report of the prediction log: make drift SINCE=2026-12-01 [UNTIL=2026-12-07] [VERSION=n]
+	@test -n "$(SINCE)" || { echo "usage: make drift SINCE=YYYY-MM-DD [UNTIL=YYYY-MM-DD] [VERSION=<n>]"; exit 2; }
+	@$(COMPOSE) run --rm -T drift --since $(SINCE) $(if $(UNTIL),--until $(UNTIL)) $(if $(VERSION),--version $(VERSION))
+
+gc: ## Remove deleted runs and experiments for good; ARGS="--keep-checkpoints 2 --older-than-days 7 --dry-run"
+	@$(COMPOSE) run --rm -T gc $(ARGS)
 
 logs: ## Follow the logs of every service (SERVICE=mlflow for one)
 	@$(COMPOSE) logs -f --tail 100 $(SERVICE)
