@@ -52,6 +52,10 @@ def stack(images, tmp_path_factory) -> Stack:
         "SERVING_PORT": str(free_port()),
         "PROMETHEUS_PORT": str(free_port()),
         "ALIAS_POLL_SECONDS": "1",
+        # The prediction log on for the whole session (every other answer), so the faults and
+        # load tests also show it never fails a request; uploads every 2 s.
+        "PREDICTION_LOG_SAMPLE": "0.5",
+        "PREDICTION_LOG_FLUSH_S": "2",
         # Small enough that a test can send a body over it for real.
         "MLFLOW_MAX_BODY_SIZE": "64m",
     })

@@ -1,0 +1,54 @@
+"""The prediction log and `make drift` through the stack: with PREDICTION_LOG_SAMPLE on (the
+session stack logs half of all answers), sampled answers reach the inference experiment as
+Parquet through the artifact proxy, uploaded as the log's own account (serving's may not write runs), and a drift report
+compares them with the served version's reference statistics. Uses the session's model."""
+
+from __future__ import annotations
+
+import re
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import requests
+from mlflow import MlflowClient
+from stack import Stack, poll
+
+
+def test_sampled_answers_are_logged_and_a_drift_report_compares_them(stack: Stack, trained,
+                                                                      admin_client: MlflowClient):
+    served = str(stack.serving_status()["version"])
+    body = {"inputs": stack.sample(8)["inputs"]}
+    with requests.Session() as session:
+        for _ in range(20):
+            assert session.post(f"{stack.serving_url}/invocations", json=body, timeout=30).status_code == 200
+
+    day = datetime.now(UTC).date().isoformat()
+    experiment = admin_client.get_experiment_by_name(f"{stack.env['MODEL_NAME']}-inference")
+    assert experiment is not None
+
+    def logged_rows_of_served_version() -> int | None:
+        runs = admin_client.search_runs([experiment.experiment_id], f"tags.prediction_day = '{day}'")
+        rows = 0
+        for run in runs:
+            files = admin_client.list_artifacts(run.info.run_id, "predictions")
+            with tempfile.TemporaryDirectory() as tmp:
+                for f in files:
+                    local = admin_client.download_artifacts(run.info.run_id, f.path, tmp)
+                    table = pq.read_table(local).to_pydict()
+                    rows += sum(1 for v in table["version"] if str(v) == served)
+        return rows or None
+
+    assert poll("sampled answers of the served version in the prediction log", logged_rows_of_served_version,
+                timeout=120) > 0
+    runs = admin_client.search_runs([experiment.experiment_id], f"tags.prediction_day = '{day}'")
+    assert len(runs) == 1  # one run per day, shared by both workers
+
+    report = stack.compose("run", "--rm", "-T", "drift", "--since", day)
+    run_id = re.search(r"report: run (\w+)", report.stdout).group(1)
+    run = admin_client.get_run(run_id)
+    assert any(key.startswith(f"v{served}.") for key in run.data.metrics), run.data.metrics
+    with tempfile.TemporaryDirectory() as tmp:
+        plot = Path(admin_client.download_artifacts(run_id, "drift/report.png", tmp))
+        assert plot.stat().st_size > 1000

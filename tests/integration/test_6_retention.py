@@ -1,0 +1,65 @@
+"""`make gc` through the stack: a deleted run's files leave the bucket and its rows the
+database, a dry run removes nothing, checkpoints of finished runs are pruned to the number
+kept, and the registered versions' models are untouched. Trains one run of its own (two
+epochs, so two checkpoints); the session's model is the registered version checked."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import mlflow
+import pytest
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from stack import Stack, signed_in_as
+
+LIST_OBJECTS = """
+import os, sys, boto3
+s3 = boto3.client("s3", endpoint_url=os.environ["MLFLOW_S3_ENDPOINT_URL"], region_name=os.environ["AWS_DEFAULT_REGION"])
+pages = s3.get_paginator("list_objects_v2").paginate(Bucket=os.environ["S3_BUCKET"], Prefix="artifacts/")
+print("\\n".join(o["Key"] for page in pages for o in page.get("Contents", [])))
+"""
+
+
+def bucket_keys(stack: Stack) -> list[str]:
+    """Every object key, listed with the gc service's own bucket-scoped key."""
+    out = stack.compose("run", "--rm", "-T", "--entrypoint", "python", "gc", "-c", LIST_OBJECTS).stdout
+    return out.split()
+
+
+def checkpoints(client: MlflowClient, run_id: str) -> list[str]:
+    return [f.path for f in client.list_artifacts(run_id, "checkpoints")]
+
+
+def test_gc_removes_deleted_runs_and_old_checkpoints_and_keeps_registered_models(
+        stack: Stack, trained, admin_client: MlflowClient):
+    pruned = stack.train("--epochs", "2", "--batch-size", "64", "--promotion-policy", "never")
+    pruned_run = pruned["run"].rstrip("/").rsplit("/", 1)[-1]
+    assert len(checkpoints(admin_client, pruned_run)) >= 2
+
+    with signed_in_as(stack, "trainer") as trainer:
+        experiment = trainer.get_experiment_by_name(stack.env["EXPERIMENT_NAME"])
+        doomed = trainer.create_run(experiment.experiment_id).info.run_id
+        trainer.log_text(doomed, "x" * 100_000, "notes/large.txt")
+        trainer.set_terminated(doomed)
+        trainer.delete_run(doomed)
+    assert any(doomed in key for key in bucket_keys(stack))
+
+    dry = stack.compose("run", "--rm", "-T", "gc", "--dry-run", "--keep-checkpoints", "1")
+    assert f"would remove deleted run {doomed}" in dry.stdout, dry.stdout
+    assert any(doomed in key for key in bucket_keys(stack))
+    assert len(checkpoints(admin_client, pruned_run)) >= 2
+
+    removed = stack.compose("run", "--rm", "-T", "gc", "--keep-checkpoints", "1")
+    assert f"removed deleted run {doomed}" in removed.stdout and "freed" in removed.stdout, removed.stdout
+    assert not any(doomed in key for key in bucket_keys(stack))
+    with pytest.raises(MlflowException, match="RESOURCE_DOES_NOT_EXIST|not found"):
+        admin_client.get_run(doomed)
+    assert len(checkpoints(admin_client, pruned_run)) == 1
+
+    # Every registered version still downloads whole.
+    for version in admin_client.search_model_versions(f"name = '{stack.env['MODEL_NAME']}'"):
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}", dst_path=tmp)
+            assert list(Path(local).rglob("MLmodel")), f"version {version.version} lost its model"
