@@ -71,6 +71,11 @@ ALIAS_VERSION = Gauge("serving_model_alias_version", "Version the alias pointed 
 MEMORY = Gauge("serving_worker_resident_memory_bytes", "Resident memory of this worker process",
                multiprocess_mode="liveall")
 
+SHADOW_ROWS = Counter("serving_shadow_rows", "Rows the shadow challenger scored, by version and whether its "
+                      "class agreed with production's", ["version", "agreed"])
+ROLLOUT_ABORTS = Counter("serving_rollout_aborts", "Canary or shadow rollouts this worker aborted by itself",
+                         ["version"])
+
 _sampler_lock = threading.Lock()
 _sampler_pid: int | None = None  # a forked child inherits this, but not the thread
 
@@ -212,3 +217,15 @@ async def send_metrics(token: SecretStr, authorization: bytes | None, send: Send
     all_headers = [*answer["headers"], (b"content-length", str(len(body)).encode()), *headers]
     await send({"type": "http.response.start", "status": answer["status"], "headers": all_headers})
     await send({"type": "http.response.body", "body": body})
+
+
+# -- what the rollout reports ------------------------------------------------------------
+
+
+def shadow_compared(version: str, rows: int, agreed: int) -> None:
+    SHADOW_ROWS.labels(version, "true").inc(agreed)
+    SHADOW_ROWS.labels(version, "false").inc(rows - agreed)
+
+
+def rollout_aborted(version: str) -> None:
+    ROLLOUT_ABORTS.labels(version).inc()

@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import orjson
 
+from serving import metrics
 from serving.watcher import AliasWatcher
 
 if TYPE_CHECKING:
@@ -322,6 +323,7 @@ class Rollout:
             self.aborted[key] = {"version": challenger.ref.version, "reason": reason,
                                  "at": datetime.now(UTC).isoformat(timespec="seconds")}
             self.aborts += 1
+        metrics.rollout_aborted(challenger.ref.version)
         log.warning("rollout of %s version %s aborted: %s; production answers every request. "
                     "End it in the registry with `registry_cli abort`",
                     self.settings.model_name, challenger.ref.version, reason)
@@ -412,6 +414,7 @@ class Rollout:
             counters.scored += 1
             counters.compared_rows += len(expected)
             counters.agreed_rows += agreed
+        metrics.shadow_compared(challenger.ref.version, len(expected), agreed)
         self.record(challenger, reply.status != 200, elapsed)
 
     # -- reporting ---------------------------------------------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import REGISTRY
 from serving_helpers import ONE_IMAGE_BODY, call, post_json, wait_until
 
 from serving import config
@@ -115,6 +116,10 @@ def test_an_ended_rollout_is_dropped_even_where_its_alias_stays(registry, make_a
     assert {asyncio.run(post_json(app, ONE_IMAGE_BODY)).version for _ in range(20)} == {"1"}
 
 
+def shadow_rows(version: str, agreed: str) -> float:
+    return REGISTRY.get_sample_value("serving_shadow_rows_total", {"version": version, "agreed": agreed}) or 0.0
+
+
 def test_shadow_never_changes_an_answer_and_counts_agreement(registry, make_app):
     name = registry.new_model("good-a", "good-b")
     registry.point(name, 1)
@@ -123,6 +128,7 @@ def test_shadow_never_changes_an_answer_and_counts_agreement(registry, make_app)
     sent = images(40)
     alone = [asyncio.run(post_json(app, body_of(image))) for image in sent]
 
+    before = {agreed: shadow_rows("2", agreed) for agreed in ("true", "false")}
     roll_out(registry, name, 2, "shadow")
     wait_until(serving_both(app, 1, 2), what="shadow loaded")
     production, challenger = app.watcher.current.pyfunc, app.rollout.watcher.current.pyfunc
@@ -138,6 +144,9 @@ def test_shadow_never_changes_an_answer_and_counts_agreement(registry, make_app)
     assert shadow["agreement_rate"] == round(agreed / 40, 4)
     assert shadow["dropped"] == 0
     assert app.rollout.totals()["shadow"]["2"]["agreed_rows"] == agreed
+    # The same counts reach /metrics, by version and agreement.
+    assert shadow_rows("2", "true") - before["true"] == agreed
+    assert shadow_rows("2", "false") - before["false"] == 40 - agreed
     # A body MLflow's own app reads is answered by production and skipped by the shadow.
     frame = b'{"dataframe_split": {"columns": ["x"], "data": [[1.0]]}}'
     assert asyncio.run(post_json(app, frame)).version == "1"
