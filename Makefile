@@ -61,8 +61,10 @@ train: env ## Train, log, register and maybe promote (ARGS="--epochs 5", NPROC=4
 sweep: env ## Hyperparameter sweep: make sweep TRIALS=20 [PARALLEL=2] [STUDY=name] [ARGS="--epochs 3"]
 	@test -n "$(TRIALS)" || { echo "usage: make sweep TRIALS=<n> [PARALLEL=<workers>] [STUDY=<name>] [ARGS=...]"; exit 2; }
 	@# PARALLEL workers, each its own container, pull trials from one study until TRIALS are done.
+	@# The stack (and with it the study's database) is brought up once, before the workers.
+	@$(COMPOSE) up -d --wait --wait-timeout 300 db-init mlflow-init >/dev/null
 	@pids=(); for i in $$(seq 1 $(or $(PARALLEL),1)); do \
-	  COMPOSE_FILE=$(TRAIN_COMPOSE_FILES) $(COMPOSE) run --rm -T sweep --trials $(TRIALS) \
+	  COMPOSE_FILE=$(TRAIN_COMPOSE_FILES) $(COMPOSE) run --rm -T --no-deps sweep --trials $(TRIALS) \
 	    $(if $(STUDY),--study $(STUDY)) $(ARGS) & pids+=($$!); \
 	done; status=0; for pid in "$${pids[@]}"; do wait "$$pid" || status=1; done; exit $$status
 

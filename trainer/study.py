@@ -14,12 +14,15 @@ on is decided there:
   failed and another worker runs a trial in its place.
 """
 
+import random
+import time
 import warnings
 from collections import Counter
 from collections.abc import Callable
 from urllib.parse import urlsplit
 
 import optuna
+import sqlalchemy.exc
 from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning
 from optuna.trial import TrialState
 
@@ -32,6 +35,7 @@ HEARTBEAT_S = 60
 GRACE_S = 180
 # A storage that does not answer is reported after this long, not after the OS's TCP timeout.
 CONNECT_TIMEOUT_S = 10
+SCHEMA_RACE_ATTEMPTS = 3
 # Small studies should prune too: after two complete trials, a trial whose accuracy after an
 # epoch is below the median of theirs at that epoch is stopped.
 PRUNER_STARTUP_TRIALS = 2
@@ -43,19 +47,32 @@ class StorageUnavailable(Exception):
     """The study's database could not be opened; the message is one line without the password."""
 
 
-def open_storage(url: str) -> optuna.storages.RDBStorage:
+def open_storage(url: str, sleep: Callable[[float], None] = time.sleep) -> optuna.storages.RDBStorage:
     engine_kwargs = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT_S}} if url.startswith("postgres") else {}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
-                                              grace_period=GRACE_S)
-    except Exception as error:  # noqa: BLE001 - SQLAlchemy, the driver and Optuna each raise their own
-        message = one_line(error, 400)
-        password = urlsplit(url).password
-        if password:
-            message = message.replace(password, "***")
-        raise StorageUnavailable(f"cannot open the study storage {redact(url)}: {message}") from None
+    attempt = 1
+    while True:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_S,
+                                                  grace_period=GRACE_S)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as error:
+            # Workers started together race to create the study's tables on a new database;
+            # the losers find them made on a second look.
+            if attempt == SCHEMA_RACE_ATTEMPTS:
+                raise _unavailable(url, error) from None
+        except Exception as error:  # noqa: BLE001 - SQLAlchemy, the driver and Optuna each raise their own
+            raise _unavailable(url, error) from None
+        attempt += 1
+        sleep(random.uniform(0.5, 2.0))
+
+
+def _unavailable(url: str, error: Exception) -> StorageUnavailable:
+    message = one_line(error, 400)
+    password = urlsplit(url).password
+    if password:
+        message = message.replace(password, "***")
+    return StorageUnavailable(f"cannot open the study storage {redact(url)}: {message}")
 
 
 def load_or_create(storage: optuna.storages.RDBStorage, name: str, sampler_seed: int | None) -> optuna.Study:

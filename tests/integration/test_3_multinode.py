@@ -18,7 +18,7 @@ OVERLAY = ROOT / "tests/multinode/compose.yaml"
 def node(stack: Stack, rank: int, job: str, *extra: str) -> subprocess.Popen:
     nodes = dataclasses.replace(stack, extra_files=(*stack.extra_files, OVERLAY))
     command = nodes.compose_command(
-        "run", "--rm", "-T", "--use-aliases", f"node-{rank}",
+        "run", "--rm", "-T", "--no-deps", "--use-aliases", f"node-{rank}",
         "--nnodes", "2", "--node-rank", str(rank), "--nproc", "1", "--rdzv-endpoint", "node-0:29400",
         "--rdzv-id", job, "--rdzv-timeout", "120", "--epochs", "1", "--promotion-policy", "never", *extra)
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

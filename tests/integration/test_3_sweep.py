@@ -16,7 +16,7 @@ STUDY, TRIALS = "integration-sweep", 4
 
 def sweep_worker(stack: Stack) -> subprocess.Popen:
     # As `make sweep` starts each worker; the alias stays where it is for the other tests.
-    command = stack.compose_command("run", "--rm", "-T", "-e", "PROMOTION_POLICY=never", "sweep",
+    command = stack.compose_command("run", "--rm", "-T", "--no-deps", "-e", "PROMOTION_POLICY=never", "sweep",
                                     "--study", STUDY, "--trials", str(TRIALS), "--epochs", "2")
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

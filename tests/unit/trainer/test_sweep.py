@@ -203,3 +203,22 @@ def test_help_lists_the_search_space(capsys):
         assert f"  {dimension.describe()}" in out
     assert "lr: float from 0.0001 to 0.03, log scale (peak learning rate)" in out
     assert "--trials" in out and "SWEEP_STORAGE_URL" in out
+
+
+def test_workers_racing_to_create_the_study_tables_retry(tmp_path, monkeypatch):
+    import sqlalchemy.exc
+
+    real = optuna.storages.RDBStorage
+    attempts = []
+
+    def racing(*args, **kwargs):
+        attempts.append(1)
+        if len(attempts) == 1:  # another worker created the tables first
+            raise sqlalchemy.exc.IntegrityError("CREATE TABLE alembic_version", {}, Exception("duplicate key"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(optuna.storages, "RDBStorage", racing)
+    pauses = []
+    storage = study.open_storage(f"sqlite:///{tmp_path / 'race.db'}", sleep=pauses.append)
+    assert len(attempts) == 2 and len(pauses) == 1
+    assert storage.get_all_studies() == []
