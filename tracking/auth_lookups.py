@@ -16,6 +16,7 @@ Grants are never cached: a revoked permission takes effect on the next call.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -37,11 +38,21 @@ def install() -> None:
         if _installed:
             return
         ttl = auth.auth_config.auth_cache_ttl_seconds
-        if ttl > 0:
+        invalidate = getattr(auth, "_invalidate_user_auth_cache", None)
+        if ttl > 0 and invalidate is not None:
             _users = TTLCache(maxsize=_MAX_ENTRIES, ttl=ttl)
             auth.store.get_user = _cached_get_user(auth.store.get_user)
-            auth._invalidate_user_auth_cache = _also_forgetting(auth._invalidate_user_auth_cache)
-        auth._run_requirement = _cached_run_requirement(auth._run_requirement)
+            auth._invalidate_user_auth_cache = _also_forgetting(invalidate)
+        # An MLflow without these lookups (another release) serves just the same, only
+        # without the caches: said once per worker, never a failed start.
+        run_requirement = getattr(auth, "_run_requirement", None)
+        if run_requirement is not None:
+            auth._run_requirement = _cached_run_requirement(run_requirement)
+        missing = [name for name, found in (("_invalidate_user_auth_cache", invalidate),
+                                            ("_run_requirement", run_requirement)) if found is None]
+        if missing:
+            print(f"[tracking] this MLflow has no {', '.join(missing)}: permission lookups are not cached",
+                  file=sys.stderr, flush=True)
         _installed = True
 
 

@@ -82,7 +82,7 @@ def write_data(stack: Stack, client: MlflowClient) -> None:
     client.set_registered_model_alias(name, "production", "1")
     auth = AuthServiceClient(stack.mlflow_url)
     auth.create_user(TEAMMATE, "teammate-password-1")
-    auth.create_experiment_permission(experiment_id, TEAMMATE, "READ")
+    auth.grant_user_permission(TEAMMATE, "experiment", experiment_id, "READ")
 
 
 def snapshot(stack: Stack, client: MlflowClient, workdir: Path) -> dict:
@@ -103,9 +103,10 @@ def snapshot(stack: Stack, client: MlflowClient, workdir: Path) -> dict:
     state["model"] = {"tags": model.tags, "aliases": model.aliases,
                       "versions": sorted((v.version, v.run_id, v.source, v.status)
                                          for v in client.search_model_versions("name='upgrade-check-model'"))}
-    user = AuthServiceClient(stack.mlflow_url).get_user(TEAMMATE)
-    state["teammate"] = {"is_admin": user.is_admin,
-                         "experiments": sorted((p.experiment_id, p.permission) for p in user.experiment_permissions)}
+    auth = AuthServiceClient(stack.mlflow_url)
+    state["teammate"] = {"is_admin": auth.get_user(TEAMMATE).is_admin,
+                         "experiment": auth.get_user_permission(TEAMMATE, "experiment",
+                                                                experiment.experiment_id).permission}
     return state
 
 
