@@ -1,41 +1,51 @@
-"""Benchmark: how long a move of `@production` takes to reach clients, and what fails meanwhile.
+"""Benchmark: how long a move of `@production` takes to reach clients through the real stack,
+and what fails meanwhile.
 
-    python bench/alias_switch_bench.py [--switches 5] [--concurrency 10]
+    python -m bench.alias_switch_bench [--switches 5] [--concurrency 10]
 
-Our serving (`python -m serving`, its defaults, as the container starts it) runs here on
-loopback against a temporary SQLite registry holding two versions of the trainer's
-exported SmallCNN, once with ALIAS_POLL_SECONDS=5 (the default) and once with 1, each
-following its own registered model. While a client keeps `--concurrency` connections
-busy with 1-image requests, the alias is moved to the other version `--switches` times
-per setting, the two settings taking turns. For each move it measures:
+A private compose project of the stack (bench/stack_project.py: its own name, free loopback
+ports, an env file made as `make env` makes .env, the images already built): the tracking
+server with basic auth, Postgres, S3 behind the artifact proxy, and serving as compose
+starts it. The trainer registers two versions on generated data. Then, once with
+ALIAS_POLL_SECONDS=1 and once with the default 5 (serving recreated between them), while a
+client keeps `--concurrency` connections busy with 1-image requests on serving's published
+port, the admin moves `@production` to the other version `--switches` times through the
+tracking server's API. For each move it measures:
 
   first new      from the start of the alias-move call to the first answer carrying the
                  new version in X-Model-Version (target <= 10 s)
-  all workers    until every gunicorn worker reports the new version on /status (asked
+  all workers    until every serving worker reports the new version on /status (asked
                  on fresh connections, so that each worker gets asked)
   failed         answers other than 200, and connection errors, over the whole episode
                  (target 0)
 
-Results: bench/results/alias_switch.json and .md.
+The project is removed with its volumes at the end. Results: bench/results/alias_switch.json
+and .md.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import random
 import re
+import secrets
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from bench import common
+from bench.cold_start_bench import Window
 from bench.common import fmt, log
+from bench.stack_project import MissingImages, Project, private_env, ready_after
 
 TARGETS = {"first_new_version_s": 10.0, "failed_requests": 0}
-POLLS = (5.0, 1.0)
+POLLS = (1.0, 5.0)
 
 
 async def status_prober(port: int, new: str, seen: dict, stop: asyncio.Event) -> None:
@@ -57,7 +67,7 @@ async def status_prober(port: int, new: str, seen: dict, stop: asyncio.Event) ->
         await asyncio.sleep(0.05)
 
 
-async def episode(port, workers, client, name, old, new, poll, concurrency, requests):
+async def episode(port, workers, client, name, alias, old, new, poll, concurrency, requests):
     seen: dict = {}
     stop = asyncio.Event()
     cap = 30 + 4 * poll  # a switch that takes longer than this is a failure in itself
@@ -67,10 +77,10 @@ async def episode(port, workers, client, name, old, new, poll, concurrency, requ
     # A random start, so that moves do not fall at the same point of the watchers' schedule.
     await asyncio.sleep(1.0 + random.random())
     t_call = time.perf_counter()
-    await asyncio.to_thread(client.set_registered_model_alias, name, "production", new)
+    await asyncio.to_thread(client.set_registered_model_alias, name, alias, new)
     t_moved = time.perf_counter()
     deadline = t_call + cap
-    while not set(workers) <= set(seen) and time.perf_counter() < deadline:
+    while len(seen) < workers and time.perf_counter() < deadline:
         await asyncio.sleep(0.05)
     await asyncio.sleep(1.0)  # keep calling for a moment after the last worker switched
     stop.set()
@@ -79,7 +89,7 @@ async def episode(port, workers, client, name, old, new, poll, concurrency, requ
 
     firsts = [end for end, tag in zip(result.ends, result.tags) if tag == new]
     olds_after = [end for end, tag in zip(result.ends, result.tags) if tag == old and end > t_moved]
-    all_switched = max(seen.values()) if set(workers) <= set(seen) else None
+    all_switched = max(seen.values()) if len(seen) >= workers else None
     window_end = (all_switched or deadline) + 0.5
     during = [lat for end, lat, s in zip(result.ends, result.latencies, result.statuses)
               if t_call <= end <= window_end and s == 200]
@@ -103,16 +113,35 @@ def prepared_times(log_text: str) -> list[float]:
     return [float(x) for x in re.findall(r"prepared in ([\d.]+)s", log_text)]
 
 
+def set_env(env_file: Path, name: str, value: str) -> None:
+    lines = [line for line in env_file.read_text().splitlines() if not line.startswith(f"{name}=")]
+    env_file.write_text("\n".join([*lines, f"{name}={value}"]) + "\n")
+
+
+def wait_served(port: int, version: str, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=5) as response:
+                if str(json.loads(response.read()).get("version")) == version:
+                    return
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"serving did not serve version {version} within {timeout:.0f} s")
+
+
 def markdown(report) -> str:
     f, s = report["figures"], report["settings"]
     met = report["targets_met"]
     lines = [
         *common.heading("Alias switch benchmark", report),
-        f"Our serving (`python -m serving`, {s['workers']} workers, otherwise its defaults) on a local "
-        f"SQLite registry with two versions of the trainer's exported SmallCNN, pinned to CPUs "
-        f"{s['server_cpus']}; a client keeps {s['concurrency']} keep-alive connections busy with 1-image "
-        f"requests throughout. `@production` is moved {s['switches']} times per setting, the two settings "
-        f"taking turns. Times are from the start of the alias-move call.", "",
+        f"The real stack ({'offline stand-ins' if s['offline'] else 'upstream images'}): the tracking server "
+        f"with basic auth, Postgres, S3 behind the artifact proxy, serving as compose starts it "
+        f"({s['workers']} workers); two versions registered by the trainer on generated data. A client keeps "
+        f"{s['concurrency']} keep-alive connections busy with 1-image requests throughout. The admin moves "
+        f"`@{s['alias']}` {s['switches']} times per setting through the tracking server's API. Times are from "
+        f"the start of the alias-move call.", "",
         "| ALIAS_POLL_SECONDS | first answer from the new version: median / max s | all workers switched: "
         "median / max s | version prepared in (per worker) s | requests | failed |",
         "|---:|---:|---:|---:|---:|---:|",
@@ -149,61 +178,67 @@ def markdown(report) -> str:
 
 
 def main():
-    parser = common.arguments(__doc__, concurrency=10, cpus=True)
+    parser = common.arguments(__doc__, concurrency=10)
     parser.add_argument("--switches", type=int, default=5, help="alias moves per poll setting (default 5)")
-    parser.add_argument("--workers", type=int, default=2, help="SERVING_WORKERS (default 2, the container's)")
     args = parser.parse_args()
+    if subprocess.run(["docker", "info"], capture_output=True).returncode != 0:
+        raise SystemExit("alias_switch_bench: no Docker engine answers; start one and retry")
 
-    info = common.machine()
-    server_cpus, client_cpus = common.chosen_cpus(args)
+    info = common.machine(docker=True)
     workdir = Path(tempfile.mkdtemp(prefix="switch-bench-"))
-    servers = {}
-    names = {poll: f"{common.MODEL_NAME}-poll{poll:g}" for poll in POLLS}
-    episodes = []
+    name = f"bench-switch-{secrets.token_hex(3)}"
+    env_file = workdir / ".env"
     try:
-        log(f"building two versions of the served model in {workdir}")
-        tracking_uri = common.build_registry(workdir, list(names.values()), versions=2)
+        env, offline, images = private_env(env_file, name)
+    except MissingImages as error:
+        shutil.rmtree(workdir, ignore_errors=True)
+        raise SystemExit(f"alias_switch_bench: {error}") from None
+    project = Project(name, env_file, offline)
+    port, model, alias = int(env["SERVING_PORT"]), env["MODEL_NAME"], env["MODEL_ALIAS"]
+    workers = int(env.get("SERVING_WORKERS") or 2)
+    common.exit_on_signals()  # so that the project is removed with its volumes
+    episodes, logs = [], {}
+    try:
+        log(f"starting project {name}")
+        began = time.time()
+        project.run("up", "-d", "--wait", "--wait-timeout", "300", "--no-build", "--pull", "never")
+        ready_after(project, port, began)
+        project.run("run", "--rm", "--no-deps", "-T", "--entrypoint", "python", "trainer", "-m", "trainer.synthetic",
+                    "--data-dir", "/data", "--train", "300", "--test", "100")
+        for policy in ("always", "never"):
+            project.run("run", "--rm", "-T", "trainer", "--epochs", "1", "--promotion-policy", policy)
+        os.environ["MLFLOW_TRACKING_USERNAME"] = env["MLFLOW_ADMIN_USERNAME"]
+        os.environ["MLFLOW_TRACKING_PASSWORD"] = env["MLFLOW_ADMIN_PASSWORD"]
         from mlflow import MlflowClient
 
-        client = MlflowClient(tracking_uri)
+        client = MlflowClient(f"http://127.0.0.1:{env['MLFLOW_PORT']}")
+        current = client.get_model_version_by_alias(model, alias).version
+        images_ = common.sample_images(64, seed=2)
+        requests = [common.http_request("POST", "/invocations", f"127.0.0.1:{port}",
+                                        json.dumps({"inputs": images_[k:k + 1].tolist()}).encode(),
+                                        {"Content-Type": "application/json"}) for k in range(len(images_))]
         for poll in POLLS:
-            port = common.free_port()
-            process = common.start_ours(workdir, tracking_uri, names[poll], port, server_cpus,
-                                        log_name=f"ours-poll{poll:g}.log", ALIAS_POLL_SECONDS=poll,
-                                        SERVING_WORKERS=args.workers)
-            servers[poll] = (port, process)
-        for poll, (port, process) in servers.items():
-            common.wait_serving(port, process, "1")
-            client.get_model_version_by_alias(names[poll], "production")  # the client's engine, warmed
-        common.pin_self(client_cpus)
-        images = common.sample_images(64, seed=2)
-        current = {poll: "1" for poll in POLLS}
-        for i in range(args.switches):
-            share = common.wait_until_quiet(args.quiet_threshold, args.quiet_patience)
-            order = POLLS if i % 2 == 0 else POLLS[::-1]
-            for poll in order:
-                port, process = servers[poll]
-                workers = [p for p in common.descendants(process.pid) if p != process.pid]
-                requests = [common.http_request("POST", "/invocations", f"127.0.0.1:{port}",
-                                                json.dumps({"inputs": images[k:k + 1].tolist()}).encode(),
-                                                {"Content-Type": "application/json"}) for k in range(len(images))]
-                old = current[poll]
-                new = "2" if old == "1" else "1"
-                with common.CpuWindow(pids=[process.pid]) as window:
-                    e = common.run_async(episode(port, workers, client, names[poll], old, new, poll,
+            set_env(env_file, "ALIAS_POLL_SECONDS", f"{poll:g}")
+            project.run("up", "-d", "--wait", "--wait-timeout", "300", "--no-build", "--pull", "never", "serving")
+            wait_served(port, current)
+            for i in range(args.switches):
+                share = common.wait_until_quiet(args.quiet_threshold, args.quiet_patience)
+                old, new = current, "2" if current == "1" else "1"
+                with Window(project) as window:
+                    e = common.run_async(episode(port, workers, client, model, alias, old, new, poll,
                                                  args.concurrency, requests))
-                e.update(window.as_dict(), quiet_share_before=round(share, 3), workers=len(workers))
+                e.update(window.as_dict(), others_cpu_share=window.others_share, quiet_share_before=round(share, 3),
+                         workers=workers)
                 episodes.append(e)
-                current[poll] = new
+                current = new
                 log(f"switch {i + 1}/{args.switches}, poll {poll:g} s, v{old} -> v{new}: first new answer after "
-                    f"{fmt(e['first_new_version_s'], '.2f')} s, all workers after {fmt(e['all_workers_switched_s'], '.2f')} s, "
-                    f"{e['requests']} requests, {e['failed']} failed; others {window.others_share:.0%} of the CPUs")
+                    f"{fmt(e['first_new_version_s'], '.2f')} s, all workers after "
+                    f"{fmt(e['all_workers_switched_s'], '.2f')} s, {e['requests']} requests, {e['failed']} failed")
+            logs[poll] = project.run("logs", "--no-color", "serving", check=False)[0].stdout
     finally:
-        for _, process in servers.values():
-            common.stop_process(process)
-        logs = {poll: (workdir / f"ours-poll{poll:g}.log").read_text(errors="replace")
-                for poll in POLLS if (workdir / f"ours-poll{poll:g}.log").exists()}
+        project.run("--profile", "train", "down", "--volumes", "--remove-orphans", check=False)
         shutil.rmtree(workdir, ignore_errors=True)
+        log(f"project {name} removed with its volumes")
 
     info["load_average_at_end"] = common.load_average()
     by_poll = {}
@@ -211,8 +246,8 @@ def main():
         mine = [e for e in episodes if e["poll_seconds"] == poll]
         firsts = [e["first_new_version_s"] for e in mine if e["first_new_version_s"] is not None]
         alls = [e["all_workers_switched_s"] for e in mine if e["all_workers_switched_s"] is not None]
-        # The first load of version 1 at start is in the log too; only the switches count.
-        prepared = prepared_times(logs.get(poll, ""))[args.workers:]
+        # Each worker's first load after serving started is in the log too; only the switches count.
+        prepared = prepared_times(logs.get(poll, ""))[workers:]
         never = len(mine) - len(firsts)
         by_poll[f"{poll:g}"] = {
             "switches": len(mine), "switches_never_seen": never,
@@ -236,15 +271,15 @@ def main():
         checks[f"failed_poll_{key}"] = a["failed"] <= TARGETS["failed_requests"]
     verdict = ("The machine was reasonably quiet." if figures["median_others_cpu_share"] < 0.15 else
                "The machine was busy with other work: the poll interval dominates the switch time, but "
-               "preparing a version (load, check) and the answers' latencies take longer than on a quiet machine.")
+               "preparing a version (download, signature check, load) and the answers' latencies take longer "
+               "than on a quiet machine.")
     report = {"date": common.now_iso(), "machine": info, "targets": TARGETS, "targets_met": checks,
               "verdict": verdict,
-              "settings": {"switches": args.switches, "concurrency": args.concurrency, "workers": args.workers,
-                           "polls": list(POLLS), "server_cpus": server_cpus, "client_cpus": client_cpus},
+              "settings": {"switches": args.switches, "concurrency": args.concurrency, "workers": workers,
+                           "polls": list(POLLS), "offline": offline, "images": images, "alias": alias},
               "figures": figures, "episodes": episodes}
     common.write_results("alias_switch", report, markdown(report), args.out_dir)
     return 0 if all(checks.values()) else 1
-
 
 
 if __name__ == "__main__":

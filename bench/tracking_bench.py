@@ -9,8 +9,8 @@ at the end), with the stack's own images, which must already exist (`make build`
   ours      the stack's tracking server image started as compose.yaml starts it: basic
             auth, 2 workers, schema upgrade, read-only root; the trainer account created
             by the stack's own provisioning script, and the clients log as that account
-  plain     the same image with its entrypoint replaced by `mlflow server --host 0.0.0.0`
-            and its defaults otherwise (4 uvicorn workers, no auth); the backend store URI
+  plain     the same image with its entrypoint replaced by `mlflow server --host 0.0.0.0
+            --workers 2`: the same number of uvicorn workers as ours, no auth; the backend store URI
             comes through MLFLOW_BACKEND_STORE_URI, which `--backend-store-uri` reads, so
             the password stays off the command line
 
@@ -43,7 +43,8 @@ MLFLOW_IMAGE = os.environ.get("BENCH_MLFLOW_IMAGE", "mlops/mlflow:dev")
 POSTGRES_IMAGES = ("mlops-local/postgres:17", "postgres:17-bookworm")
 METRICS_PER_REQUEST = 10
 VARIANTS = ("ours", "plain")
-LABELS = {"ours": "ours (basic auth, 2 workers)", "plain": "`mlflow server` defaults (no auth, 4 workers)"}
+WORKERS = 2
+LABELS = {"ours": f"ours (basic auth, {WORKERS} workers)", "plain": f"`mlflow server --workers {WORKERS}` (no auth)"}
 EXPERIMENT = "fashion-mnist"
 
 
@@ -289,9 +290,10 @@ def main():
                      "-e", "S3_BUCKET=mlflow", "-e", "MLFLOW_S3_ENDPOINT_URL=http://127.0.0.1:9",
                      "-e", "AWS_ACCESS_KEY_ID", "-e", "AWS_SECRET_ACCESS_KEY", "-e", "AWS_DEFAULT_REGION=us-east-1",
                      "-e", "MLFLOW_ADMIN_USERNAME", "-e", "MLFLOW_ADMIN_PASSWORD",
-                     "-e", "MLFLOW_FLASK_SERVER_SECRET_KEY", "-e", "MLFLOW_WORKERS=2", MLFLOW_IMAGE, env=secret_env)
+                     "-e", "MLFLOW_FLASK_SERVER_SECRET_KEY", "-e", f"MLFLOW_WORKERS={WORKERS}", MLFLOW_IMAGE, env=secret_env)
         plain = c.run("plain", "-p", "127.0.0.1::5000", "--cpus", cpus, "-e", "MLFLOW_BACKEND_STORE_URI",
-                      "--entrypoint", "mlflow", MLFLOW_IMAGE, "server", "--host", "0.0.0.0", env=secret_env)
+                      "--entrypoint", "mlflow", MLFLOW_IMAGE, "server", "--host", "0.0.0.0",
+                      "--workers", str(WORKERS), env=secret_env)
         ports = {"ours": published_port(ours), "plain": published_port(plain)}
         admin = "Basic " + base64.b64encode(f"admin:{secret_env['MLFLOW_ADMIN_PASSWORD']}".encode()).decode()
         trainer = "Basic " + base64.b64encode(f"trainer:{secret_env['TRAINER_PASSWORD']}".encode()).decode()
@@ -384,9 +386,10 @@ def main():
               "settings": {"rounds": args.rounds, "seconds": args.seconds, "clients": args.clients, "cpus": args.cpus,
                            "metrics_per_request": METRICS_PER_REQUEST, "mlflow_image": MLFLOW_IMAGE,
                            "postgres_image": postgres_image,
-                           "ours": "image entrypoint (start_server.py): --app-name basic-auth, --workers 2, "
+                           "ours": f"image entrypoint (start_server.py): --app-name stack-basic-auth, --workers {WORKERS}, "
                                    "clients log as the provisioned trainer account",
-                           "plain": "mlflow server --host 0.0.0.0 (backend store via MLFLOW_BACKEND_STORE_URI)"},
+                           "plain": f"mlflow server --host 0.0.0.0 --workers {WORKERS} "
+                                    "(backend store via MLFLOW_BACKEND_STORE_URI)"},
               "figures": figures, "samples": samples, "server_log_tails": server_logs}
     common.write_results("tracking", report, markdown(report), args.out_dir)
     return 1 if lost or any(figures[v]["failed"] for v in VARIANTS) else 0
