@@ -88,7 +88,12 @@ def test_abort_sends_every_request_back_to_production(stack: Stack, versions):
 
 def test_restarted_serving_answers_with_its_cached_version(stack: Stack, versions):
     stack.compose("restart", "serving")
-    status = poll("serving to answer again after the restart",
-                  lambda: (s := stack.serving_status()) and s["state"] == "serving" and s, timeout=180)
-    assert status["warm_started_version"] == versions["production"], status
+
+    def every_worker_serving() -> list[dict] | None:
+        answers = [requests.get(f"{stack.serving_url}/status", timeout=5).json()
+                   for _ in range(AGREEING_STATUS_ANSWERS)]
+        return answers if all(a["state"] == "serving" for a in answers) else None
+
+    statuses = poll("every serving worker to answer again after the restart", every_worker_serving, timeout=180)
+    assert {s["warm_started_version"] for s in statuses} == {versions["production"]}, statuses
     assert set(answering_versions(stack, 10)) == {versions["production"]}
