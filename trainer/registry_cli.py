@@ -192,6 +192,9 @@ def sign_version(name: str, version: str, key: model_signatures.PrivateKey) -> N
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run one command; return the exit status (2 with one line on stderr for bad input)."""
     environ = os.environ if environ is None else environ
+    # Each command answers in a line or a table; MLflow's download progress bars (drawn
+    # whenever tqdm is installed) would bury it.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         CLI.main(args, prog_name=PROG, standalone_mode=False, obj=environ)
