@@ -56,6 +56,9 @@ def stack(images, tmp_path_factory) -> Stack:
         # load tests also show it never fails a request; uploads every 2 s.
         "PREDICTION_LOG_SAMPLE": "0.5",
         "PREDICTION_LOG_FLUSH_S": "2",
+        # Rollouts abort on errors only: on a shared 2-core machine a fresh challenger's p99
+        # is noise. The latency abort is a unit test (tests/unit/serving/test_serving_rollout.py).
+        "ROLLOUT_MAX_P99_RATIO": "1000",
         # Small enough that a test can send a body over it for real.
         "MLFLOW_MAX_BODY_SIZE": "64m",
     })

@@ -61,5 +61,6 @@ def test_gc_removes_deleted_runs_and_old_checkpoints_and_keeps_registered_models
     # Every registered version still downloads whole.
     for version in admin_client.search_model_versions(f"name = '{stack.env['MODEL_NAME']}'"):
         with tempfile.TemporaryDirectory() as tmp:
-            local = mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}", dst_path=tmp)
+            local = mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}", dst_path=tmp,
+                                                        tracking_uri=stack.mlflow_url)
             assert list(Path(local).rglob("MLmodel")), f"version {version.version} lost its model"
