@@ -8,29 +8,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 log() { printf '[k8s-tools] %s\n' "$*"; }
-SUDO=""
-[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+. scripts/trixie-fetch.sh
 
 KUBERNETES_VALIDATE_VERSION=1.37.0
 CHECKOV_VERSION=3.3.30
 VENV=.k8s-venv
 
 if ! command -v kustomize >/dev/null 2>&1; then
-  # trixie's kustomize is a static Go build, so it runs on bookworm too.
   log "fetching kustomize from Debian trixie"
-  work=$(mktemp -d)
-  trap 'rm -rf "$work"' EXIT
-  mkdir -p "$work/sources" "$work/lists/partial" "$work/debs"
-  echo "deb http://deb.debian.org/debian trixie main" >"$work/sources/trixie.list"
-  aptopts=(-o Dir::Etc::SourceList=/dev/null -o "Dir::Etc::SourceParts=$work/sources"
-           -o "Dir::State::Lists=$work/lists" -o Debug::NoLocking=1
-           -o APT::Sandbox::User=root)
-  apt-get "${aptopts[@]}" update -qq
-  (cd "$work/debs" && apt-get "${aptopts[@]}" download kustomize >/dev/null)
-  deb=$(echo "$work"/debs/kustomize_*.deb)
-  log "kustomize $(dpkg-deb -f "$deb" Version)"
-  dpkg -x "$deb" "$work/root"
-  $SUDO install -m 0755 "$work/root/usr/bin/kustomize" /usr/local/bin/kustomize
+  install_from_trixie kustomize kustomize
 fi
 log "kustomize at $(command -v kustomize)"
 

@@ -8,12 +8,11 @@ every attempt's rank 0 continues, and it ends that run FAILED (with the reason) 
 when the processes could not finish it themselves.
 """
 
-import contextlib
 import logging
 import os
 import sys
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -49,21 +48,6 @@ def check_resources(conf: Config) -> torch.device:
         raise ConfigError(f"--nproc {conf.nproc} asks for more processes than the {usable_cores()} CPU core(s) "
                           "this node lets the trainer use")
     return device
-
-
-@contextlib.contextmanager
-def environment(values: Mapping[str, str]) -> Iterator[None]:
-    """os.environ with `values` added, for the workers the launcher starts, then as it was."""
-    saved = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def create_run(conf: Config, rdzv_id: str) -> str:
@@ -152,7 +136,7 @@ def run(conf: Config, argv: Sequence[str] | None = None) -> int:
     quiet_agent()
     args = list(sys.argv[1:] if argv is None else argv)
     try:
-        with environment(workers):
+        with tracking.environment(workers):
             elastic_launch(launch_config(conf, rdzv_id), sys.executable)("-m", "trainer.distributed", *args)
     except ChildFailedError as error:
         reason, code = failure_of(error, conf)

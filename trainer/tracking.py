@@ -60,7 +60,8 @@ def is_http(uri: str | None) -> bool:
 
 
 @contextlib.contextmanager
-def _environment(overrides: Mapping[str, str]) -> Iterator[None]:
+def environment(overrides: Mapping[str, str]) -> Iterator[None]:
+    """os.environ with `overrides` applied for the block, then as it was."""
     saved = {key: os.environ.get(key) for key in overrides}
     os.environ.update(overrides)
     try:
@@ -135,7 +136,7 @@ def connect(tracking_uri: str | None, timeout_s: float, log: Log = print, sleep:
         probe_timeout = str(max(1, int(min(PROBE_TIMEOUT_S, max(remaining, 1)))))
         # A real API call: /health answers even when the host check or auth would
         # reject every request that matters.
-        with _environment({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+        with environment({"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
                            "MLFLOW_HTTP_REQUEST_TIMEOUT": probe_timeout}):
             client.search_experiments(max_results=1)
 
