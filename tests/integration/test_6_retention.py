@@ -33,7 +33,7 @@ def checkpoints(client: MlflowClient, run_id: str) -> list[str]:
 
 
 def test_gc_removes_deleted_runs_and_old_checkpoints_and_keeps_registered_models(
-        stack: Stack, trained, admin_client: MlflowClient):
+        stack: Stack, trained, admin_client: MlflowClient, monkeypatch):
     pruned = stack.train("--epochs", "2", "--batch-size", "64", "--promotion-policy", "never")
     pruned_run = pruned["run"].rstrip("/").rsplit("/", 1)[-1]
     assert len(checkpoints(admin_client, pruned_run)) >= 2
@@ -58,9 +58,10 @@ def test_gc_removes_deleted_runs_and_old_checkpoints_and_keeps_registered_models
         admin_client.get_run(doomed)
     assert len(checkpoints(admin_client, pruned_run)) == 1
 
-    # Every registered version still downloads whole.
+    # Every registered version still downloads whole (models:/ URIs resolve through the
+    # registry of MLFLOW_TRACKING_URI).
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", stack.mlflow_url)
     for version in admin_client.search_model_versions(f"name = '{stack.env['MODEL_NAME']}'"):
         with tempfile.TemporaryDirectory() as tmp:
-            local = mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}", dst_path=tmp,
-                                                        tracking_uri=stack.mlflow_url)
+            local = mlflow.artifacts.download_artifacts(f"models:/{version.name}/{version.version}", dst_path=tmp)
             assert list(Path(local).rglob("MLmodel")), f"version {version.version} lost its model"
