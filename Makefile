@@ -30,7 +30,7 @@ export GIT_COMMIT ?= $(shell git rev-parse --short HEAD 2>/dev/null)
 .PHONY: help env up down build offline-images train sweep predict logs ps models promote sign rollback \
         canary shadow abort-rollout drift gc \
         test test-unit test-integration lint bench bench-trainer bench-serving bench-direct-path bench-switch \
-        bench-tracking bench-cold-start bench-load backup restore clean doctor lock k8s-check k8s-e2e \
+        bench-tracking bench-cold-start bench-load bench-ddp backup restore clean doctor lock k8s-check k8s-e2e \
         monitoring-check
 
 help: ## List the targets
@@ -162,7 +162,10 @@ bench-cold-start: $(VENV_STAMP) ## Benchmark make up to healthy, and a trained m
 bench-load: $(VENV_STAMP) ## Benchmark serving under 1, 10 and 50 clients (a private stack; ARGS="--url ..." for a running one)
 	@$(VENV)/bin/python -m bench.load_bench $(ARGS)
 
-bench: bench-trainer bench-serving bench-direct-path bench-switch bench-tracking bench-cold-start bench-load ## Run every benchmark; results land in bench/results/
+bench-ddp: $(VENV_STAMP) ## Benchmark data-parallel training: images/s at 1 and 2 processes (CPU, gloo)
+	@$(VENV)/bin/python -m bench.ddp_bench $(ARGS)
+
+bench: bench-trainer bench-serving bench-direct-path bench-switch bench-tracking bench-cold-start bench-load bench-ddp ## Run every benchmark; results land in bench/results/
 
 doctor: ## Check Docker, Compose v2, free disk, ports, and the NVIDIA runtime with GPU=1
 	@GPU=$(GPU) scripts/doctor.sh

@@ -252,6 +252,8 @@ def main():
                   "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_urlsafe(24),
                   "TRAINER_USERNAME": "trainer", "TRAINER_PASSWORD": secrets.token_urlsafe(18),
                   "SERVING_USERNAME": "serving", "SERVING_PASSWORD": secrets.token_urlsafe(18),
+                  "OPTUNA_DB_PASSWORD": secrets.token_urlsafe(18), "MONITORING_PASSWORD": secrets.token_urlsafe(18),
+                  "PREDICTION_LOG_PASSWORD": secrets.token_urlsafe(18),
                   "AWS_ACCESS_KEY_ID": "bench-unused", "AWS_SECRET_ACCESS_KEY": "bench-unused"}
     pg_password = secret_env["POSTGRES_PASSWORD"]
     secret_env["MLFLOW_BACKEND_STORE_URI"] = (
@@ -279,7 +281,8 @@ def main():
         # Ours logs in as its own role, as in the stack: db-init's one-shot makes it.
         docker("run", "--rm", "--network", c.network, "--entrypoint", "python",
                "-e", "POSTGRES_USER", "-e", "POSTGRES_PASSWORD", "-e", "POSTGRES_DB",
-               "-e", "MLFLOW_DB_USER", "-e", "MLFLOW_DB_PASSWORD", MLFLOW_IMAGE, "-m", "tracking.init_database",
+               "-e", "MLFLOW_DB_USER", "-e", "MLFLOW_DB_PASSWORD", "-e", "OPTUNA_DB_PASSWORD", MLFLOW_IMAGE,
+               "-m", "tracking.init_database",
                env=secret_env)
 
         cpus = f"{args.cpus:g}"
@@ -304,7 +307,8 @@ def main():
         init = docker("run", "--rm", "--name", f"{c.prefix}-init", "--network", c.network,
                       "--entrypoint", "python", "-e", "MLFLOW_ADMIN_USERNAME", "-e", "MLFLOW_ADMIN_PASSWORD",
                       "-e", "TRAINER_USERNAME", "-e", "TRAINER_PASSWORD", "-e", "SERVING_USERNAME",
-                      "-e", "SERVING_PASSWORD", "-e", f"EXPERIMENT_NAME={EXPERIMENT}",
+                      "-e", "SERVING_PASSWORD", "-e", "MONITORING_PASSWORD", "-e", "PREDICTION_LOG_PASSWORD",
+                      "-e", f"EXPERIMENT_NAME={EXPERIMENT}",
                       "-e", "MODEL_NAME=bench-model", MLFLOW_IMAGE, "-m", "tracking.provision_users",
                       env=secret_env, check=False)
         if init.returncode != 0:
