@@ -274,7 +274,8 @@ def test_unreadable_rollout_tags_route_nothing(registry, make_app):
     registry.point(name, 1)
     roll_out(registry, name, 2, "canary", "lots")
     app = make_app(name)
-    wait_until(lambda: rollout_status(app)["challenger_version"] == "2", what="challenger loaded")
+    wait_until(lambda: app.watcher.status()["version"] == "1" and rollout_status(app)["challenger_version"] == "2",
+               what="production and the challenger loaded")
     assert rollout_status(app)["state"] == "invalid"
     assert {asyncio.run(post_json(app, ONE_IMAGE_BODY)).version for _ in range(20)} == {"1"}
 
