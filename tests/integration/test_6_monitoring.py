@@ -5,6 +5,7 @@ Uses the session's trained model (version 1 or later holding the alias)."""
 
 from __future__ import annotations
 
+import pytest
 import requests
 from stack import Stack, poll
 
@@ -45,8 +46,18 @@ def test_tracking_metrics_need_a_login_and_no_permission(stack: Stack, trained):
     assert experiments.status_code == 200 and experiments.json().get("experiments", []) == []
 
 
-def test_prometheus_scrapes_both_and_sees_the_traffic(stack: Stack, trained):
-    stack.compose("--profile", "monitoring", "up", "-d", "--wait", "--wait-timeout", "120", "prometheus")
+@pytest.fixture
+def prometheus(stack: Stack):
+    """Prometheus started as `make up MONITORING=1` starts it, and removed afterwards: the
+    later tests stop and restart the stack without the monitoring profile."""
+    try:
+        stack.compose("--profile", "monitoring", "up", "-d", "--wait", "--wait-timeout", "120", "prometheus")
+        yield
+    finally:
+        stack.compose("--profile", "monitoring", "rm", "--stop", "--force", "--volumes", "prometheus", check=False)
+
+
+def test_prometheus_scrapes_both_and_sees_the_traffic(stack: Stack, trained, prometheus):
     targets_up = poll("Prometheus to scrape serving and the tracking server", lambda: (
         {r["metric"]["job"] for r in prometheus_query(stack, "up == 1")} >= {"serving", "mlflow"}), timeout=90)
     assert targets_up
