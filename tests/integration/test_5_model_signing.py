@@ -5,6 +5,7 @@ can run: the old version keeps serving (or nothing, after a restart) and /status
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 
 import mlflow
@@ -119,8 +120,16 @@ def test_weights_overwritten_with_the_trainers_account_are_refused_after_a_resta
             model_id = version.model_id or version.source.removeprefix("models:/")
             trainer.log_model_artifact(model_id, str(forged), artifact_path="artifacts")
 
-        # Serving's cache is a tmpfs: after a restart it downloads the version again.
+        # A restart answers with the copy it verified before (the serving-cache volume),
+        # verified again: never with the forged file.
         stack.compose("restart", "serving")
+        poll(f"every worker to answer with its verified copy of version {fresh}",
+             lambda: all(answered_by(stack) == fresh for _ in range(8)), timeout=180)
+        # Without that copy, serving downloads the version again and refuses it.
+        stack.compose("rm", "--stop", "--force", "serving")
+        subprocess.run(["docker", "volume", "rm", f"{stack.project}_serving-cache"], check=True,
+                       capture_output=True)
+        stack.compose("up", "-d", "--no-deps", "serving")
         status = refusal(stack, fresh)
         assert status["last_error"] == f"version {fresh} refused: its files differ from the files that were signed"
         assert status["state"] == "waiting" and status["version"] is None
