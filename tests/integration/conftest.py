@@ -52,9 +52,7 @@ def stack(images, tmp_path_factory) -> Stack:
         "SERVING_PORT": str(free_port()),
         "PROMETHEUS_PORT": str(free_port()),
         "ALIAS_POLL_SECONDS": "1",
-        # The prediction log on for the whole session (every other answer), so the faults and
-        # load tests also show it never fails a request; uploads every 2 s.
-        "PREDICTION_LOG_SAMPLE": "0.5",
+        # Uploads every 2 s while test_6_prediction_log turns the log on.
         "PREDICTION_LOG_FLUSH_S": "2",
         # Rollouts abort on errors only: on a shared 2-core machine a fresh challenger's p99
         # is noise. The latency abort is a unit test (tests/unit/serving/test_serving_rollout.py).

@@ -175,7 +175,7 @@ def test_backup_writes_one_archive_with_counts_and_checksums(stack: Stack, backu
     assert counts["registered_models"] == len(before["models"])
     assert counts["model_versions"] == sum(len(m["versions"]) for m in before["models"].values())
     assert counts["aliases"] == sum(len(m["aliases"]) for m in before["models"].values())
-    assert counts["users"] == 3  # admin, trainer, serving
+    assert counts["users"] == 5  # admin, trainer, serving, monitoring, predictions
     assert counts["objects"] == len(manifest["objects"]) > 0
     assert set(manifest["files"]) == {"tracking.dump", "auth.dump", "bucket.tar"}
     assert all(re.fullmatch(r"[0-9a-f]{64}", o["sha256"]) for o in manifest["objects"])
