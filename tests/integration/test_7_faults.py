@@ -172,7 +172,9 @@ def training_goes_on(job: TrainingJob, while_what: str, steps: int = 3) -> int:
     """Waits until the trainer prints `steps` more progress lines; returns how many it printed.
     Called while a service is down: the outage does not stop training."""
     before = len(job.printed_steps())
-    poll(f"training to go on while {while_what}", lambda: len(job.printed_steps()) >= before + steps, timeout=180)
+    # Bounded, but generous: an epoch's evaluation and checkpoint on a busy 2-core machine
+    # can take minutes before the next progress line.
+    poll(f"training to go on while {while_what}", lambda: len(job.printed_steps()) >= before + steps, timeout=400)
     return len(job.printed_steps()) - before
 
 
