@@ -59,6 +59,13 @@ DRAIN_SECONDS = 10.0
 # client on a working network never pauses this long mid-body).
 BODY_IDLE_SECONDS = 10.0
 
+# A worker starts accepting connections once its watcher has served the cached version or
+# had its first look at the registry (a download included), so that a restarted container
+# never has one worker answering while another still answers 503. A look that takes longer
+# (a large download, an unreachable registry) stops holding the worker back after this
+# long: gunicorn replaces a worker that is silent for 60 s, and it is silent until then.
+FIRST_LOOK_SECONDS = 45.0
+
 _JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
@@ -158,6 +165,7 @@ class ServingApp:
         self._name_header = [(b"x-model-name", settings.model_name.encode("latin-1", "replace"))]
         self._batcher = _Batcher(settings.batch_max_rows) if settings.batch_max_rows > 1 else None
         self.body_idle_seconds = BODY_IDLE_SECONDS
+        self.first_look_seconds = FIRST_LOOK_SECONDS
         self.prediction_log = prediction_log.from_settings(settings)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -183,6 +191,7 @@ class ServingApp:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self.start()
+                await asyncio.to_thread(self.watcher.first_look.wait, self.first_look_seconds)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self.stop()

@@ -110,6 +110,8 @@ class AliasWatcher:
         self.last_error: str | None = None
         self.last_error_at: float | None = None
         self.polls = 0  # finished polls, so that callers can wait for "one more look"
+        # Set once there is a model from the cache or the first look at the registry is over.
+        self.first_look = threading.Event()
         self._registry = registry
         self._store = store
         self._failures: dict[str, _Failure] = {}
@@ -150,6 +152,8 @@ class AliasWatcher:
                 self._serve_from_cache()
             except Exception:
                 log.exception("starting from the cached version failed; waiting for the registry")
+            if self.current is not None:
+                self.first_look.set()
         delay = 0.0
         while not self._stop.wait(delay):
             try:
@@ -161,6 +165,7 @@ class AliasWatcher:
                 delay = self.settings.poll_seconds
             finally:
                 self.polls += 1
+                self.first_look.set()
 
     def _limit_torch_threads(self) -> None:
         # Once, before the first model loads (not at start, so that the first look at the
