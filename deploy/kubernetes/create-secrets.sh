@@ -11,7 +11,7 @@ v() { "$root/scripts/env-value.sh" "$1"; }
 
 for name in POSTGRES_PASSWORD MLFLOW_DB_PASSWORD OPTUNA_DB_PASSWORD S3_APP_ACCESS_KEY S3_APP_SECRET_KEY MLFLOW_ADMIN_PASSWORD \
             MLFLOW_FLASK_SERVER_SECRET_KEY TRAINER_PASSWORD SERVING_PASSWORD MONITORING_PASSWORD PREDICTION_LOG_PASSWORD \
-            MODEL_SIGNING_KEY MODEL_SIGNING_PUBLIC_KEY; do
+            SERVING_METRICS_TOKEN MODEL_SIGNING_KEY MODEL_SIGNING_PUBLIC_KEY; do
   [ -n "$(v "$name")" ] || { echo "create-secrets: $name is empty in ${ENV_FILE:-.env}; run 'make env'" >&2; exit 1; }
 done
 
@@ -34,6 +34,7 @@ secret mlops-trainer-account TRAINER_PASSWORD=TRAINER_PASSWORD
 secret mlops-serving-account SERVING_PASSWORD=SERVING_PASSWORD
 secret mlops-monitoring-account MONITORING_PASSWORD=MONITORING_PASSWORD
 secret mlops-prediction-log-account PREDICTION_LOG_PASSWORD=PREDICTION_LOG_PASSWORD
+secret mlops-serving-metrics SERVING_METRICS_TOKEN=SERVING_METRICS_TOKEN
 secret mlops-model-signing MODEL_SIGNING_KEY=MODEL_SIGNING_KEY
 secret mlops-model-signing-public MODEL_SIGNING_PUBLIC_KEY=MODEL_SIGNING_PUBLIC_KEY
 if [ "${2:-}" = "--with-stores" ]; then

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 OVERLAYS_DIR = ROOT / "deploy" / "kubernetes" / "overlays"
 OVERLAYS = sorted(p.name for p in OVERLAYS_DIR.iterdir() if p.is_dir())
 WORKLOADS = {"Deployment", "StatefulSet", "Job", "CronJob"}
-SECRET_NAMES = ("PASSWORD", "SECRET", "SIGNING_KEY", "ACCESS_KEY", "BACKUP_KEY")
+SECRET_NAMES = ("PASSWORD", "SECRET", "SIGNING_KEY", "ACCESS_KEY", "BACKUP_KEY", "TOKEN")
 # compose's backend network: who may reach each store (the schema upgrade and the backup
 # log in as the tracking server's own role and key).
 STORE_CLIENTS = {
@@ -220,7 +220,8 @@ def test_each_workload_holds_only_the_secrets_compose_gives_it(dev: list[Resourc
         "mlflow-init": {"mlops-mlflow-admin", "mlops-trainer-account", "mlops-serving-account",
                         "mlops-monitoring-account", "mlops-prediction-log-account"},
         "trainer": {"mlops-trainer-account", "mlops-model-signing"},
-        "serving": {"mlops-serving-account", "mlops-model-signing-public"},
+        "serving": {"mlops-serving-account", "mlops-model-signing-public", "mlops-serving-metrics",
+                    "mlops-prediction-log-account"},
         "backup": {"mlops-db-app", "mlops-s3-app"},
     }
 
