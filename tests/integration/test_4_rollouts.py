@@ -5,10 +5,18 @@ promoted; production is whichever version holds the alias when the module starts
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import mlflow
+import numpy as np
 import pytest
 import requests
 from mlflow import MlflowClient
+from mlflow.models import ModelSignature
+from mlflow.types import Schema, TensorSpec
 from stack import Stack, poll
+
+import model_signatures
 
 IMAGE = [[[0.5] * 28] * 28]
 CANARY_PERCENT = 30
@@ -19,6 +27,24 @@ CANARY_TOLERANCE = 0.10
 # Each worker reads the rollout in its own poll; this many status answers in a row that agree
 # (fresh connections, so both workers are asked) means both have seen it.
 AGREEING_STATUS_ANSWERS = 12
+
+# A version that passes every check serving makes before it serves one (signed for this
+# model, answers its input example) and fails on the traffic it then gets.
+FAILS_ON_TRAFFIC = """
+import mlflow
+import numpy as np
+
+
+class FailsOnTraffic(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input, params=None):
+        x = np.asarray(model_input, dtype=np.float32)
+        if not x.any():  # the input example: a black image
+            return np.full((len(x), 10), 0.1, dtype=np.float32)
+        raise RuntimeError("this version breaks on real images")
+
+
+mlflow.models.set_model(FailsOnTraffic())
+"""
 
 
 def registry_cli(stack: Stack, *args: str) -> None:
@@ -97,3 +123,49 @@ def test_restarted_serving_answers_with_its_cached_version(stack: Stack, version
     statuses = poll("every serving worker to answer again after the restart", every_worker_serving, timeout=180)
     assert {s["warm_started_version"] for s in statuses} == {versions["production"]}, statuses
     assert set(answering_versions(stack, 10)) == {versions["production"]}
+
+
+def register_failing_version(stack: Stack, admin_client: MlflowClient, tmp_path: Path) -> str:
+    """Signed with the stack's key as the trainer signs, logged where serving may read."""
+    name = stack.env["MODEL_NAME"]
+    code = tmp_path / "fails_on_traffic.py"
+    code.write_text(FAILS_ON_TRAFFIC)
+    signature = ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 1, 28, 28))]),
+                               outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 10))]))
+
+    def save(path, mlflow_model):
+        mlflow.pyfunc.save_model(path, mlflow_model=mlflow_model, python_model=str(code), signature=signature,
+                                 input_example=np.zeros((1, 1, 28, 28), dtype=np.float32), pip_requirements=[])
+
+    mlflow.set_tracking_uri(stack.mlflow_url)
+    experiment = admin_client.get_experiment_by_name(stack.env["EXPERIMENT_NAME"]).experiment_id
+    with mlflow.start_run(experiment_id=experiment) as run:
+        uri = model_signatures.log_signed_model(save, "model", name, model_signatures.private_key_from_env(stack.env),
+                                                run_id=run.info.run_id)
+    return admin_client.create_model_version(name, uri, run_id=run.info.run_id,
+                                             model_id=uri.removeprefix("models:/")).version
+
+
+def test_a_failing_canary_is_aborted_by_itself_and_no_client_sees_a_failure(stack: Stack, versions, admin_client,
+                                                                            tmp_path):
+    failing = register_failing_version(stack, admin_client, tmp_path)
+    registry_cli(stack, "canary", failing, "--percent", "50")
+    try:
+        every_worker_reports(stack, f"a canary of version {failing}",
+                             lambda r: r["challenger_version"] == failing and r["state"] in ("active", "aborted"))
+        answered: list[str] = []
+
+        def aborted_on_every_worker() -> bool:
+            answered.extend(answering_versions(stack, 50))  # each answer must be a 200
+            return all(requests.get(f"{stack.serving_url}/status", timeout=5).json()["rollout"]["state"] == "aborted"
+                       for _ in range(AGREEING_STATUS_ANSWERS))
+
+        poll(f"every serving worker to abort the canary of version {failing}", aborted_on_every_worker, timeout=300)
+        assert set(answered) == {versions["production"]}, "a client got the failing version's answer"
+        rollout = requests.get(f"{stack.serving_url}/status", timeout=5).json()["rollout"]
+        [aborted] = [a for a in rollout["aborted"] if a["version"] == failing]
+        assert aborted["reason"].startswith("error rate 100.0% against production's 0.0%"), aborted
+        assert f"version {failing} aborted: error rate" in stack.compose("logs", "--no-color", "serving").stdout
+        assert set(answering_versions(stack, 50)) == {versions["production"]}
+    finally:
+        registry_cli(stack, "abort")
