@@ -20,8 +20,10 @@ VARIANTS = {
 }
 
 
-def compose_config(env_file: Path, files: list[str]) -> subprocess.CompletedProcess:
+def compose_config(env_file: Path, files: list[str], *profiles: str) -> subprocess.CompletedProcess:
     cmd = ["docker", "compose", "--env-file", str(env_file), "--profile", "train"]
+    for profile in profiles:
+        cmd += ["--profile", profile]
     for f in files:
         cmd += ["-f", str(ROOT / f)]
     return subprocess.run(cmd + ["config", "--format", "yaml"], capture_output=True, text=True, cwd=ROOT)
@@ -50,6 +52,16 @@ def test_variant_is_valid(env_file, variant):
     if "offline" in variant:
         assert services["postgres"]["pull_policy"] == "never"
         assert services["minio"]["pull_policy"] == "never"
+
+
+def test_prometheus_without_a_login_stays_on_this_machine_when_the_stack_is_shared(env_file, tmp_path):
+    shared = tmp_path / ".env"
+    shared.write_text(env_file.read_text() + "BIND_ADDRESS=0.0.0.0\n")
+    result = compose_config(shared, VARIANTS["default"], "monitoring")
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert {p["host_ip"] for p in services["mlflow"]["ports"]} == {"0.0.0.0"}
+    assert {p["host_ip"] for p in services["prometheus"]["ports"]} == {"127.0.0.1"}
 
 
 def test_missing_secret_stops_compose_and_names_it(env_file, tmp_path):
