@@ -2,6 +2,7 @@
 signed the way the trainer signs its models, and versions that serving must refuse."""
 
 import contextlib
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -9,9 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 from refused_models import REFUSED_KINDS  # this folder: pytest puts a conftest's folder on the path
+from serving_helpers import POLL
 from signing_keys import signing_key_pair  # tests/signing_keys.py
 
 import model_signatures
+from serving import config
+from serving.app import ServingApp
 
 HERE = Path(__file__).parent
 
@@ -143,3 +147,32 @@ def registry(tmp_path_factory):
     runs = {kind: client.create_run(experiment).info.run_id for kind in configs}
     return StandInRegistry(uri, client, runs, configs, signing_key_pair(),
                            model_signatures.private_key_from_env(signing_key_pair()), root / "marker")
+
+
+@pytest.fixture
+def make_app(registry, tmp_path):
+    """make(name, cache=None, registry_client=None, store=None, **settings): a started
+    ServingApp for a model of the test registry; every app made is stopped after the test."""
+    apps = []
+
+    def make(name, cache=None, registry_client=None, store=None, **overrides):
+        settings = config.Settings(tracking_uri=registry.tracking_uri, model_name=name,
+                                   public_key=registry.public_key, poll_seconds=POLL,
+                                   cache_dir=str(cache or tmp_path / "cache"), **overrides)
+        app = ServingApp(settings, registry=registry_client, store=store)
+        app.start()
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.stop()
+
+
+@pytest.fixture
+def serving_log(caplog):
+    """What serving logs (its logger does not propagate to pytest's)."""
+    logger = logging.getLogger("serving")
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)

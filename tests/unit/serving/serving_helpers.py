@@ -10,6 +10,8 @@ import numpy as np
 ONE_IMAGE = {"inputs": np.full((1, 1, 28, 28), 0.5, dtype=np.float32).tolist()}
 ONE_IMAGE_BODY = json.dumps(ONE_IMAGE).encode()
 
+POLL = 0.2  # seconds: the watchers' own schedule in these tests, not a sleep in them
+
 
 def wait_until(predicate, timeout=30.0, interval=0.02, what="condition"):
     """Poll until predicate() is truthy; fail the test at the deadline."""

@@ -10,33 +10,17 @@ from pydantic import SecretStr
 from serving_helpers import ONE_IMAGE_BODY, call, post_json, wait_until
 
 from serving import config
-from serving.app import ServingApp
 
-POLL = 0.2
 TOKEN = "s3cret-metrics-token-0123456789"
 
 
 @pytest.fixture
-def make_app(registry, tmp_path):
-    apps = []
-
+def make_app(make_app):
+    """Apps with a metrics token (the conftest's make_app underneath)."""
     def make(name, token=TOKEN):
-        settings = config.Settings(
-            tracking_uri=registry.tracking_uri,
-            model_name=name,
-            public_key=registry.public_key,
-            poll_seconds=POLL,
-            cache_dir=str(tmp_path / "cache"),
-            metrics_token=SecretStr(token),
-        )
-        app = ServingApp(settings)
-        app.start()
-        apps.append(app)
-        return app
+        return make_app(name, metrics_token=SecretStr(token))
 
-    yield make
-    for app in apps:
-        app.stop()
+    return make
 
 
 def scrape(app, authorization=f"Bearer {TOKEN}"):

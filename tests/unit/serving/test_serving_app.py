@@ -3,7 +3,6 @@ without failing a request, refusing broken versions, and answering bad input wit
 
 import asyncio
 import json
-import logging
 import re
 import threading
 import time
@@ -11,46 +10,12 @@ import time
 import malformed_requests
 import numpy as np
 import pytest
-from serving_helpers import ONE_IMAGE_BODY, async_wait_until, call, post_json, wait_until
+from serving_helpers import ONE_IMAGE_BODY, POLL, async_wait_until, call, post_json, wait_until
 
 from serving import config
 from serving.app import ServingApp
 
-POLL = 0.2  # seconds; the watcher's own schedule, not a sleep in the tests
 RETRY_LINE = re.compile(r"not switched to \(attempt (?P<attempt>\d+)\): .*; retrying in (?P<delay>[\d.]+)s")
-
-
-@pytest.fixture
-def make_app(registry, tmp_path):
-    apps = []
-
-    def make(name, **overrides):
-        inject = overrides.pop("_inject", {})
-        settings = config.Settings(
-            tracking_uri=registry.tracking_uri,
-            model_name=name,
-            public_key=registry.public_key,
-            poll_seconds=POLL,
-            cache_dir=str(tmp_path / "cache"),
-            **overrides,
-        )
-        app = ServingApp(settings, **inject)
-        app.start()
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        app.stop()
-
-
-@pytest.fixture
-def serving_log(caplog):
-    """What serving logs (its logger does not propagate to pytest's)."""
-    logger = logging.getLogger("serving")
-    logger.addHandler(caplog.handler)
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def status(app):
@@ -233,7 +198,7 @@ def test_tracking_server_down_keeps_serving(registry, make_app):
     name = registry.new_model("good-a")
     registry.point(name, 1)
     flaky = FlakyRegistry(registry.client)
-    app = make_app(name, _inject={"registry": flaky})
+    app = make_app(name, registry_client=flaky)
     wait_until(serving_version(app, 1), what="version 1 served")
 
     flaky.down = True

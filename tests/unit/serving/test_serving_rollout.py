@@ -4,7 +4,6 @@ that answer from the cached version before the registry does."""
 
 import asyncio
 import json
-import logging
 import random
 from pathlib import Path
 
@@ -14,36 +13,7 @@ from prometheus_client import REGISTRY
 from serving_helpers import ONE_IMAGE_BODY, call, post_json, wait_until
 
 from serving import config
-from serving.app import ServingApp
 from serving.model_store import ModelStore
-
-POLL = 0.2  # the watchers' own schedule, not a sleep in the tests
-
-
-@pytest.fixture
-def make_app(registry, tmp_path):
-    apps = []
-
-    def make(name, cache=None, registry_client=None, store=None, **overrides):
-        settings = config.Settings(tracking_uri=registry.tracking_uri, model_name=name,
-                                   public_key=registry.public_key, poll_seconds=POLL,
-                                   cache_dir=str(cache or tmp_path / "cache"), **overrides)
-        app = ServingApp(settings, registry=registry_client, store=store)
-        app.start()
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        app.stop()
-
-
-@pytest.fixture
-def serving_log(caplog):
-    logger = logging.getLogger("serving")
-    logger.addHandler(caplog.handler)
-    yield caplog
-    logger.removeHandler(caplog.handler)
 
 
 def roll_out(registry, name, version, mode, percent=None):

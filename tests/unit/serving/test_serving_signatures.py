@@ -11,32 +11,11 @@ import pytest
 from refused_models import REFUSED_KINDS
 from serving_helpers import ONE_IMAGE_BODY, post_json, wait_until
 
-from serving import config
-from serving.app import ServingApp
 
-POLL = 0.2
-
-
-def start(registry, name, cache_dir, warm_start=True):
-    app = ServingApp(config.Settings(tracking_uri=registry.tracking_uri, model_name=name,
-                                     public_key=registry.public_key, poll_seconds=POLL,
-                                     cache_dir=str(cache_dir), warm_start=warm_start))
-    app.start()
-    return app
-
-
-@pytest.fixture
-def apps():
-    started = []
-    yield started
-    for app in started:
-        app.stop()
-
-
-def test_signed_version_is_served(registry, apps, tmp_path):
+def test_signed_version_is_served(registry, make_app, tmp_path):
     name = registry.new_model("good-a")
     registry.point(name, 1)
-    apps.append(app := start(registry, name, tmp_path / "cache"))
+    app = make_app(name)
     wait_until(lambda: app.watcher.status()["version"] == "1", what="version 1 served")
     assert app.watcher.status()["last_error"] is None
     # What was verified is what was loaded: the signature and provenance sit beside it.
@@ -46,10 +25,10 @@ def test_signed_version_is_served(registry, apps, tmp_path):
 
 
 @pytest.mark.parametrize("kind", sorted(REFUSED_KINDS))
-def test_version_not_signed_by_the_trainer_is_refused_and_never_runs(registry, apps, tmp_path, kind):
+def test_version_not_signed_by_the_trainer_is_refused_and_never_runs(registry, make_app, tmp_path, kind):
     name = registry.new_model("good-a", kind)
     registry.point(name, 1)
-    apps.append(app := start(registry, name, tmp_path / "cache"))
+    app = make_app(name)
     wait_until(lambda: app.watcher.status()["version"] == "1", what="version 1 served")
 
     registry.point(name, 2)
@@ -65,14 +44,14 @@ def test_version_not_signed_by_the_trainer_is_refused_and_never_runs(registry, a
     assert cached == []
 
 
-def test_cached_version_is_verified_again(registry, apps, tmp_path):
+def test_cached_version_is_verified_again(registry, make_app, tmp_path):
     """A worker that restarts finds versions in the cache; they are verified like downloads.
     (Without a warm start, so that the alias names the altered copy; the warm start's own
     refusal is in test_serving_rollout.py.)"""
     cache = tmp_path / "cache"
     name = registry.new_model("good-a")
     registry.point(name, 1)
-    first = start(registry, name, cache)
+    first = make_app(name, cache=cache)
     wait_until(lambda: first.watcher.status()["version"] == "1", what="version 1 served")
     path = Path(first.watcher.current.path)
     first.stop()
@@ -80,7 +59,7 @@ def test_cached_version_is_verified_again(registry, apps, tmp_path):
     # The cached code is changed to write the marker, as an intruder in the cache would.
     code = path / "standin_model.py"
     code.write_text(f"open({str(registry.marker)!r}, 'w').write('ran')\n" + code.read_text())
-    apps.append(second := start(registry, name, cache, warm_start=False))
+    second = make_app(name, cache=cache, warm_start=False)
     st = wait_until(lambda: (s := second.watcher.status())["failed_attempts"] >= 1 and s, what="refusal")
     assert st["state"] == "waiting"
     assert st["last_error"] == "version 1 refused: its files differ from the files that were signed"
@@ -91,10 +70,10 @@ def test_cached_version_is_verified_again(registry, apps, tmp_path):
     assert not registry.marker.exists()
 
 
-def test_status_shows_no_internal_error_text(registry, apps, tmp_path):
+def test_status_shows_no_internal_error_text(registry, make_app, tmp_path):
     name = registry.new_model("good-a", "altered-code")
     registry.point(name, 2)
-    apps.append(app := start(registry, name, tmp_path / "cache"))
+    app = make_app(name)
     st = wait_until(lambda: (s := app.watcher.status())["failed_attempts"] >= 1 and s, what="refusal")
     assert st["waiting_for"] == (f"waiting for a version of {name}@production that works: "
                                  "version 2 refused: its files differ from the files that were signed")
