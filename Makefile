@@ -15,6 +15,11 @@ comma := ,
 ifeq ($(MONITORING),1)
   export COMPOSE_PROFILES := $(if $(COMPOSE_PROFILES),$(COMPOSE_PROFILES)$(comma))monitoring
 endif
+# RETENTION=1: `make up` also starts `make gc` on a schedule (the compose profile `retention`).
+RETENTION ?= 0
+ifeq ($(RETENTION),1)
+  export COMPOSE_PROFILES := $(if $(COMPOSE_PROFILES),$(COMPOSE_PROFILES)$(comma))retention
+endif
 ifeq ($(GPU),1)
   TRAIN_COMPOSE_FILES = $(COMPOSE_FILES):compose.gpu.yaml
 else
@@ -53,7 +58,7 @@ up: build ## Build, start detached, wait until healthy, print the URLs
 	@scripts/print-urls.sh
 
 down: ## Stop the stack; every run, model and artifact is kept
-	@$(COMPOSE) --profile train --profile monitoring down
+	@$(COMPOSE) --profile train --profile monitoring --profile retention down
 
 train: env ## Train, log, register and maybe promote (ARGS="--epochs 5", NPROC=4 processes, GPU=1 for the GPU)
 	@COMPOSE_FILE=$(TRAIN_COMPOSE_FILES) $(COMPOSE) run --rm trainer $(if $(NPROC),--nproc $(NPROC)) $(ARGS)

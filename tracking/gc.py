@@ -1,4 +1,5 @@
-"""`python -m tracking.gc [--keep-checkpoints N] [--older-than-days D] [--dry-run]`: retention.
+"""`python -m tracking.gc [--keep-checkpoints N] [--older-than-days D] [--dry-run] [--every-hours H]`:
+retention.
 
 Removes for good what was deleted in the UI or the API, and old checkpoints:
 
@@ -6,6 +7,10 @@ Removes for good what was deleted in the UI or the API, and old checkpoints:
 - experiments in the `deleted` stage: their artifact folder, their runs, then their rows;
 - with --keep-checkpoints N, every checkpoint but the N of highest step of each FINISHED run
   (resuming starts from the highest; trainer/checkpoints.py names them).
+
+With --every-hours H it keeps running and collects every H hours (the compose service
+`gc-schedule`, `make up RETENTION=1`); a round that fails is reported and the next one
+comes on time.
 
 A registered version's model files are never touched: every removal is first checked
 against the storage location of every version in the registry, and a run or experiment
@@ -22,7 +27,9 @@ from __future__ import annotations
 
 import posixpath
 import re
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -268,25 +275,56 @@ class Collector:
         return t
 
 
+def run_every(interval_s: float, job: Callable[[], object], echo: Callable[..., None],
+              stop: threading.Event) -> None:
+    """job() now and then every interval_s until stop is set. A round that fails is said in
+    one line; the schedule goes on, as the next round may well succeed (a database back)."""
+    from stack_common.text import one_line
+
+    while True:
+        try:
+            job()
+        except Exception as error:  # noqa: BLE001 - the schedule outlives any one round
+            echo(f"gc: error: this round failed: {type(error).__name__}: {one_line(error)}; "
+                 f"the next one is in {interval_s / 3600:g} h", err=True)
+        if stop.wait(interval_s):
+            return
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--keep-checkpoints", type=click.IntRange(min=0), default=None,
-              help="keep only the N checkpoints of highest step of each finished run; default: prune none")
+@click.option("--keep-checkpoints", type=click.IntRange(min=0), default=None, envvar="GC_KEEP_CHECKPOINTS",
+              help="keep only the N checkpoints of highest step of each finished run; default: prune none "
+                   "[GC_KEEP_CHECKPOINTS]")
 @click.option("--older-than-days", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="remove only what was deleted at least this many days ago")
+              envvar="GC_OLDER_THAN_DAYS",
+              help="remove only what was deleted at least this many days ago [GC_OLDER_THAN_DAYS]")
+@click.option("--every-hours", type=click.FloatRange(min=0, min_open=True), default=None, envvar="GC_EVERY_HOURS",
+              help="keep running: collect now and then every H hours [GC_EVERY_HOURS]")
 @click.option("--dry-run", is_flag=True, help="say what would be removed, remove nothing")
 @click.option("--backend-store-uri", default=None,
               help="the tracking database; default: the server's, from its environment")
 @click.option("--artifacts-destination", default=None,
               help="where mlflow-artifacts:/ paths live; default: s3://$S3_BUCKET/artifacts")
-def cli(keep_checkpoints: int | None, older_than_days: float, dry_run: bool, backend_store_uri: str | None,
-        artifacts_destination: str | None) -> None:
+def cli(keep_checkpoints: int | None, older_than_days: float, every_hours: float | None, dry_run: bool,
+        backend_store_uri: str | None, artifacts_destination: str | None) -> None:
     """Permanently remove deleted runs and experiments, and prune old checkpoints."""
     if backend_store_uri is None or artifacts_destination is None:
         conf = settings.load(Retention)
         backend_store_uri = backend_store_uri or conf.uri(conf.tracking_db)
         artifacts_destination = artifacts_destination or f"s3://{conf.bucket}/{ARTIFACTS_PREFIX}"
-    Collector(backend_store_uri, artifacts_destination, dry_run, click.echo).collect(keep_checkpoints,
-                                                                                     older_than_days)
+
+    def collect() -> Tally:
+        return Collector(backend_store_uri, artifacts_destination, dry_run, click.echo).collect(keep_checkpoints,
+                                                                                                older_than_days)
+
+    if every_hours is None:
+        collect()
+        return
+    stop = threading.Event()
+    # `docker stop`: the round in progress finishes, no new one starts.
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    click.echo(f"collecting now and every {every_hours:g} h")
+    run_every(every_hours * 3600, collect, click.echo, stop)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -64,6 +64,17 @@ def test_prometheus_without_a_login_stays_on_this_machine_when_the_stack_is_shar
     assert {p["host_ip"] for p in services["prometheus"]["ports"]} == {"127.0.0.1"}
 
 
+def test_scheduled_retention_is_gc_with_the_same_rights_and_a_schedule(env_file):
+    result = compose_config(env_file, VARIANTS["default"], "tools", "retention")
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    scheduled, once = services["gc-schedule"], services["gc"]
+    assert scheduled["entrypoint"] == once["entrypoint"] and scheduled["networks"] == once["networks"]
+    assert {k: v for k, v in scheduled["environment"].items() if not k.startswith("GC_")} == once["environment"]
+    assert scheduled["environment"]["GC_EVERY_HOURS"] == "24" and scheduled["restart"] == "unless-stopped"
+    assert scheduled["init"] is True and scheduled["read_only"] is True
+
+
 def test_missing_secret_stops_compose_and_names_it(env_file, tmp_path):
     broken = tmp_path / ".env"
     broken.write_text("".join(line + "\n" for line in env_file.read_text().splitlines()

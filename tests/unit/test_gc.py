@@ -4,6 +4,7 @@ SQLite store with local artifacts stands in for Postgres and S3."""
 
 import posixpath
 import shutil
+import threading
 from pathlib import Path
 
 import mlflow
@@ -196,3 +197,29 @@ def test_a_version_whose_files_cannot_be_found_stops_it_before_any_removal(stack
     assert len(err) == 1 and "cannot tell where the files of fashion version 1 are" in err[0]
     assert "nothing was removed" in err[0]
     assert (stack.folder(trash) / "report.txt").is_file()
+
+
+def test_a_schedule_runs_rounds_until_stopped_and_outlives_a_failed_one():
+    stop, rounds, said = threading.Event(), [], []
+
+    def job():
+        rounds.append(len(rounds))
+        if len(rounds) == 2:
+            raise OSError("database went away")
+        if len(rounds) == 3:
+            stop.set()
+
+    gc.run_every(0.01, job, lambda line, err=False: said.append((line, err)), stop)
+
+    assert rounds == [0, 1, 2]
+    assert said == [("gc: error: this round failed: OSError: database went away; the next one is in 2.77778e-06 h",
+                     True)]
+
+
+def test_every_hours_comes_from_the_environment_and_nonsense_is_one_line(stack, capsys, monkeypatch):
+    monkeypatch.setenv("GC_EVERY_HOURS", "soon")
+    assert gc.main(["--backend-store-uri", stack.uri, "--artifacts-destination", stack.artifacts.as_uri()]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--every-hours" in err[0] and "soon" in err[0]
+    monkeypatch.setenv("GC_EVERY_HOURS", "0")
+    assert gc.main(["--backend-store-uri", stack.uri, "--artifacts-destination", stack.artifacts.as_uri()]) == 2
