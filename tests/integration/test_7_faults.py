@@ -329,8 +329,12 @@ def test_serving_restart_under_load_fails_requests_only_inside_the_restart(stack
     figures = {"requests": len(outcomes), "failed": len(failures),
                "failed_kinds": dict(Counter(o.detail for o in failures)),
                "window_s": round(back - restart_began, 2), "restart_command_s": round(restarted - restart_began, 2),
+               # From the first failed request's start to the last one's answer: the outage
+               # clients saw (requests sent while workers load wait for them instead).
+               "failing_s": round(max(o.ended for o in failures) - min(o.started for o in failures), 2)
+               if failures else 0.0,
                "served_version": served.get("version")}
     report("serving_restart_under_load", figures)
     with capsys.disabled():
         print(f"\nserving restart under load: {figures['failed']} of {figures['requests']} requests failed, all "
-              f"inside the {figures['window_s']} s window ({figures['failed_kinds']})")
+              f"inside the {figures['window_s']} s window, over {figures['failing_s']} s ({figures['failed_kinds']})")
