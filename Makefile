@@ -53,6 +53,8 @@ build: env ## Build the stack's images (each once; later builds reuse the cache)
 
 up: build ## Build, start detached, wait until healthy, print the URLs
 	@scripts/check-bind-address.sh $(ENV_FILE)
+	@# A serving container whose image or settings changed is replaced beside the old one.
+	@scripts/replace-serving.sh $(COMPOSE)
 	@$(COMPOSE) up -d --wait --wait-timeout 300 || { $(COMPOSE) ps -a; $(COMPOSE) logs --tail 40; \
 	  echo "make up: a service did not become healthy; its logs are above (make logs SERVICE=<name> for more, make doctor to check this machine)"; exit 1; }
 	@scripts/print-urls.sh

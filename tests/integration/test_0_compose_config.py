@@ -45,7 +45,9 @@ def test_variant_is_valid(env_file, variant):
     assert {"postgres", "minio", "s3-init", "mlflow", "mlflow-init", "trainer", "serving"} <= services.keys()
     # Postgres and S3 never get a host port; published ports bind to the loopback default.
     assert "ports" not in services["postgres"] and "ports" not in services["minio"]
-    for name in ("mlflow", "serving") + (("proxy",) if "tls" in variant else ()):
+    # Serving is reached through the gateway, which is what lets it be replaced in place.
+    assert "ports" not in services["serving"]
+    for name in ("mlflow", "gateway") + (("proxy",) if "tls" in variant else ()):
         assert all(p["host_ip"] == "127.0.0.1" for p in services[name]["ports"])
     gpu_requested = "devices" in str(services["trainer"].get("deploy", {}))
     assert gpu_requested == ("gpu" in variant)

@@ -338,3 +338,53 @@ def test_serving_restart_under_load_fails_requests_only_inside_the_restart(stack
     with capsys.disabled():
         print(f"\nserving restart under load: {figures['failed']} of {figures['requests']} requests failed, all "
               f"inside the {figures['window_s']} s window, over {figures['failing_s']} s ({figures['failed_kinds']})")
+
+
+def set_env(stack: Stack, name: str, value: str) -> None:
+    """Edit .env as a user does."""
+    lines = [line for line in stack.env_file.read_text().splitlines() if not line.startswith(f"{name}=")]
+    stack.env_file.write_text("\n".join([*lines, f"{name}={value}"]) + "\n")
+    stack.env[name] = value
+
+
+def test_make_up_after_a_settings_change_replaces_serving_with_no_failed_request(stack: Stack, trained,
+                                                                                 healthy_again, capsys):
+    served = poll("a served model", lambda: (status := stack.serving_status()).get("version") and status, timeout=180)
+    old = stack.compose("ps", "-q", "serving").stdout.split()
+    batch_rows = stack.env.get("SERVING_BATCH_MAX_ROWS", "32")
+    changed = "16" if batch_rows != "16" else "8"
+    set_env(stack, "SERVING_BATCH_MAX_ROWS", changed)
+    try:
+        with SteadyLoad(f"{stack.serving_url}/invocations") as load:
+            poll("steady answers before the upgrade", lambda: load.successes_since(0) >= 100, timeout=120)
+            began = time.monotonic()
+            # What `make up` runs: the replacement, then the rest of the stack as it is.
+            replaced = subprocess.run([str(ROOT / "scripts" / "replace-serving.sh"), *stack.compose_command()],
+                                      capture_output=True, text=True, timeout=900, cwd=ROOT)
+            assert replaced.returncode == 0, replaced.stdout + replaced.stderr
+            stack.compose("up", "-d", "--wait", "--wait-timeout", "300")
+            done = time.monotonic()
+            poll("steady answers after the upgrade", lambda: load.successes_since(done) >= 200, timeout=240)
+        outcomes = list(load.outcomes)
+        failures = [o for o in outcomes if not o.ok]
+        assert not failures, f"{len(failures)} of {len(outcomes)} requests failed: {failures[:5]}"
+        now = stack.compose("ps", "-q", "serving").stdout.split()
+        assert len(now) == 1 and now != old, (old, now)
+        assert "serving replaced" in replaced.stderr
+        statuses = [stack.serving_status() for _ in range(8)]
+        assert {s["batching"]["max_rows"] for s in statuses} == {int(changed)}
+        assert {str(s["version"]) for s in statuses} == {str(served["version"])}
+        during = [o for o in outcomes if began <= o.started <= done]
+        figures = {"requests": len(outcomes), "during_upgrade": len(during), "failed": len(failures),
+                   "upgrade_s": round(done - began, 1)}
+        report("serving_upgrade_under_load", figures)
+        with capsys.disabled():
+            print(f"\nserving replaced under load in {figures['upgrade_s']} s: {len(during)} requests during it, "
+                  f"{len(failures)} of {len(outcomes)} failed")
+        # Nothing changed: `make up` leaves the container alone.
+        again = subprocess.run([str(ROOT / "scripts" / "replace-serving.sh"), *stack.compose_command()],
+                               capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert again.returncode == 0 and again.stderr == "", again.stderr
+        assert stack.compose("ps", "-q", "serving").stdout.split() == now
+    finally:
+        set_env(stack, "SERVING_BATCH_MAX_ROWS", batch_rows)
