@@ -37,8 +37,8 @@ class Malformed:
     # The lie is in the HTTP framing, which only a real HTTP server acts on: an in-process
     # ASGI call delivers the whole body whatever Content-Length says.
     wire_only: bool = False
-    # Framing the HTTP server's parser refuses before the app sees the request: uvicorn
-    # answers those itself, 400 in plain text ("Invalid HTTP request received.").
+    # Framing the HTTP server's parser refuses before the app sees the request: in the stack
+    # the gateway (nginx) answers those itself, 400 with a JSON reason and no model version.
     refused_by_http_parser: bool = False
     # The client sends less than it declared and then waits: answered when serving stops
     # waiting for the rest (serving.app.BODY_IDLE_SECONDS), so it is sent apart.

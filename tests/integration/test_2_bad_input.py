@@ -87,8 +87,9 @@ def test_malformed_invocation_gets_a_readable_4xx(stack: Stack, served, case):
         assert answer.status == case.status, f"{case.name}: {answer.status} {answer.text[:300]}"
     assert "Traceback" not in answer.text and len(answer.text) > 10, answer.text[:300]
     if case.refused_by_http_parser:
-        # uvicorn's parser answers before serving's code runs: plain text, but readable.
-        assert answer.headers["content-type"].startswith("text/plain"), answer.headers
+        # The gateway's parser answers before any serving container sees the request.
+        assert answer.status == 400 and answer.headers["content-type"] == "application/json", answer.headers
+        assert json.loads(answer.body)["error_code"] == "BAD_REQUEST", answer.text
     else:
         assert answer.headers["content-type"] == "application/json", answer.headers
         document = json.loads(answer.body)
