@@ -33,7 +33,9 @@ fi
 was_serving=no
 docker exec "$old" python -m serving.healthcheck --serving >/dev/null 2>&1 && was_serving=yes
 log "starting a new serving container beside $(docker inspect --format '{{.Name}}' "$old" | tr -d /)"
-"${compose[@]}" up --detach --no-deps --no-recreate --scale serving=2 --wait --wait-timeout 300 serving
+# Not --no-deps: compose hashes a service without its dependencies then, and the next `up`
+# would recreate the new container. --no-recreate leaves every running container as it is.
+"${compose[@]}" up --detach --no-recreate --scale serving=2 --wait --wait-timeout 300 serving
 new=$("${compose[@]}" ps --quiet --status running serving | grep -v "^$old" | head -n1)
 [ -n "$new" ] || { log "the new serving container did not start; the old one keeps serving"; exit 1; }
 

@@ -362,12 +362,13 @@ def test_make_up_after_a_settings_change_replaces_serving_with_no_failed_request
             replaced = subprocess.run([str(ROOT / "scripts" / "replace-serving.sh"), *stack.compose_command()],
                                       capture_output=True, text=True, timeout=900, cwd=ROOT)
             assert replaced.returncode == 0, replaced.stdout + replaced.stderr
-            stack.compose("up", "-d", "--wait", "--wait-timeout", "300")
+            rest = stack.compose("up", "-d", "--wait", "--wait-timeout", "300")
             done = time.monotonic()
             poll("steady answers after the upgrade", lambda: load.successes_since(done) >= 200, timeout=240)
         outcomes = list(load.outcomes)
         failures = [o for o in outcomes if not o.ok]
-        assert not failures, f"{len(failures)} of {len(outcomes)} requests failed: {failures[:5]}"
+        assert not failures, (f"{len(failures)} of {len(outcomes)} requests failed, {began:.1f}-{done:.1f}: "
+                              f"{failures[:3]} ... {failures[-3:]}\n{replaced.stderr}\n{rest.stderr}")
         now = stack.compose("ps", "-q", "serving").stdout.split()
         assert len(now) == 1 and now != old, (old, now)
         assert "serving replaced" in replaced.stderr
