@@ -109,13 +109,13 @@ def test_foreign_host_header_is_refused(stack: Stack):
 
 # --- what the host can reach -----------------------------------------------------------------
 
-def test_only_mlflow_and_serving_publish_ports_and_only_on_loopback(stack: Stack):
+def test_only_mlflow_and_the_model_gateway_publish_ports_and_only_on_loopback(stack: Stack):
     services = running_services(stack.compose)
-    assert {"postgres", "minio", "mlflow", "serving"} <= services.keys(), services.keys()
+    assert {"postgres", "minio", "mlflow", "serving", "gateway"} <= services.keys(), services.keys()
     published = {name: [p for p in row.get("Publishers") or [] if p.get("PublishedPort")]
                  for name, row in services.items()}
-    assert published["postgres"] == [] and published["minio"] == [], published
-    for name in ("mlflow", "serving"):
+    assert published["postgres"] == [] and published["minio"] == [] and published["serving"] == [], published
+    for name in ("mlflow", "gateway"):
         assert published[name] and all(p["URL"] == "127.0.0.1" for p in published[name]), published[name]
     for service, port in (("postgres", 5432), ("minio", 9000), ("minio", 9001)):
         result = stack.compose("port", service, str(port), check=False)
@@ -180,13 +180,13 @@ def test_every_service_process_runs_as_non_root(stack: Stack):
             processes = processes[1:]
         as_root = [(pid, comm) for pid, uid, comm in processes if uid == 0]
         assert processes and not as_root, f"{name} runs {as_root} as root (all: {processes})"
-        if name in ("mlflow", "serving"):
+        if name in ("mlflow", "serving", "gateway"):
             assert processes[0][2] == "tini" and len(processes) >= 2, processes
 
 
 def test_our_services_drop_capabilities_and_have_read_only_roots(stack: Stack):
     for name, row in running_services(stack.compose).items():
-        if name not in ("mlflow", "serving", "proxy"):
+        if name not in ("mlflow", "serving", "gateway", "proxy"):
             continue
         host_config = json.loads(subprocess.run(["docker", "inspect", row["ID"]], capture_output=True,
                                                 text=True, check=True).stdout)[0]["HostConfig"]
