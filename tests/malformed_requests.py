@@ -43,6 +43,7 @@ class Malformed:
     # The client sends less than it declared and then waits: answered when serving stops
     # waiting for the rest (serving.app.BODY_IDLE_SECONDS), so it is sent apart.
     stalls: bool = False
+    path: str = "/invocations"
 
     def header(self, name: str) -> str | None:
         for key, value in self.headers:
@@ -52,7 +53,7 @@ class Malformed:
 
     def wire_bytes(self, host: str) -> bytes:
         """The request as an HTTP/1.1 client sends it, on a connection of its own."""
-        lines = ["POST /invocations HTTP/1.1", f"Host: {host}", "Connection: close"]
+        lines = [f"POST {self.path} HTTP/1.1", f"Host: {host}", "Connection: close"]
         lines += [f"{k}: {v}" for k, v in self.headers]
         if self.chunked:
             lines.append("Transfer-Encoding: chunked")
@@ -198,6 +199,9 @@ def _cases() -> list[Malformed]:
                 ("Transfer-Encoding gzip", ONE_IMAGE, (("Transfer-Encoding", "gzip"),)),
             )
         ),
+        # A request line nginx cannot resolve (it once answered this one 500).
+        Malformed("path above the root", ONE_IMAGE, path="/../../invocations", wire_only=True,
+                  refused_by_http_parser=True),
     ]
     return cases
 
