@@ -165,7 +165,6 @@ class ServingApp:
         self._name_header = [(b"x-model-name", settings.model_name.encode("latin-1", "replace"))]
         self._batcher = _Batcher(settings.batch_max_rows) if settings.batch_max_rows > 1 else None
         self.body_idle_seconds = BODY_IDLE_SECONDS
-        self.first_look_seconds = FIRST_LOOK_SECONDS
         self.prediction_log = prediction_log.from_settings(settings)
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -191,7 +190,7 @@ class ServingApp:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 self.start()
-                await asyncio.to_thread(self.watcher.first_look.wait, self.first_look_seconds)
+                await asyncio.to_thread(self.watcher.first_look.wait, FIRST_LOOK_SECONDS)
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 self.stop()
