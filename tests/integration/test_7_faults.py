@@ -288,7 +288,9 @@ class SteadyLoad:
             started = time.monotonic()
             try:
                 response = session.post(self.url, json=body, timeout=30)
-                ok, detail = response.status_code == 200, f"{response.status_code}"
+                ok = response.status_code == 200
+                # Who answered and why (the gateway's JSON 503 or serving's own), for a failure's report.
+                detail = f"{response.status_code}" if ok else f"{response.status_code} {response.text[:120]}"
             except requests.RequestException as error:
                 ok, detail = False, type(error).__name__
                 session = requests.Session()
@@ -324,7 +326,8 @@ def test_serving_restart_under_load_fails_requests_only_inside_the_restart(stack
     outcomes = list(load.outcomes)
     failures = [o for o in outcomes if not o.ok]
     outside = [o for o in failures if not restart_began <= o.started <= back]
-    assert not outside, f"{len(outside)} requests failed outside the restart window: {outside[:5]}"
+    assert not outside, (f"{len(outside)} requests failed outside the restart window "
+                         f"({restart_began:.3f}-{back:.3f}): {outside[:5]}")
     assert all(o.ok for o in outcomes if o.started > back)
     figures = {"requests": len(outcomes), "failed": len(failures),
                "failed_kinds": dict(Counter(o.detail for o in failures)),
