@@ -146,7 +146,7 @@ test-unit: $(VENV_STAMP) ## Unit tests: no Docker, seconds
 	@$(VENV)/bin/python -m pytest -q tests/unit
 
 test-integration: $(VENV_STAMP) ## Integration tests: build the images, bring up a private stack, exercise it
-	@$(VENV)/bin/python -m pytest -q tests/integration
+	@$(VENV)/bin/python -m pytest -q --durations=15 tests/integration
 
 bench-trainer: $(VENV_STAMP) ## Benchmark the trainer against the MLflow quickstart loop
 	@$(VENV)/bin/python -m bench.trainer_bench $(ARGS)

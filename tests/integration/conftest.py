@@ -91,6 +91,13 @@ def trained(stack: Stack) -> dict:
 
 
 @pytest.fixture(scope="session")
+def challenger(stack: Stack, trained) -> dict:
+    """A later version, never promoted, shared so that it is trained once: rollouts canary and
+    shadow it, retention then prunes its checkpoints (two epochs, so it has two)."""
+    return stack.train("--epochs", "2", "--batch-size", "64", "--promotion-policy", "never")
+
+
+@pytest.fixture(scope="session")
 def admin_client(stack: Stack) -> MlflowClient:
     user, password = stack.credentials("admin")
     os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"] = user, password

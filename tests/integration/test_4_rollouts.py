@@ -1,7 +1,7 @@
 """Canary and shadow rollouts through the stack, as `make canary`, `make shadow` and
 `make abort-rollout` run them, and a restarted serving container answering at once from the
-version it served before. Brings its own challenger: a version trained here and never
-promoted; production is whichever version holds the alias when the module starts."""
+version it served before. The challenger is the session's `challenger`, a later version
+never promoted; production is whichever version holds the alias when the module starts."""
 
 from __future__ import annotations
 
@@ -73,11 +73,10 @@ def answering_versions(stack: Stack, count: int) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def versions(stack: Stack, trained, admin_client: MlflowClient) -> dict[str, str]:
+def versions(stack: Stack, trained, challenger, admin_client: MlflowClient) -> dict[str, str]:
     production = admin_client.get_model_version_by_alias(stack.env["MODEL_NAME"], stack.env["MODEL_ALIAS"]).version
     stack.wait_served_version(production, timeout=180)
-    challenger = stack.train("--epochs", "1", "--batch-size", "32", "--promotion-policy", "never")["version"]
-    return {"production": production, "challenger": challenger}
+    return {"production": production, "challenger": challenger["version"]}
 
 
 def test_canary_answers_its_share_with_the_challenger(stack: Stack, versions):

@@ -40,8 +40,8 @@ def checkpoints(client: MlflowClient, run_id: str) -> list[str]:
 
 
 def test_gc_removes_deleted_runs_and_old_checkpoints_and_keeps_registered_models(
-        stack: Stack, trained, admin_client: MlflowClient, monkeypatch):
-    pruned = stack.train("--epochs", "2", "--batch-size", "64", "--promotion-policy", "never")
+        stack: Stack, trained, challenger, admin_client: MlflowClient, monkeypatch):
+    pruned = challenger
     pruned_run = pruned["run"].rstrip("/").rsplit("/", 1)[-1]
     assert len(checkpoints(admin_client, pruned_run)) >= 2
 
