@@ -19,6 +19,9 @@ and leaves a marker in the cache directory that the other workers of the contain
 a restart) read. The operator ends the rollout in the registry with `registry_cli abort`,
 which sets `rollout.mode` to `ended` (EDIT on the model suffices; serving then drops the
 challenger) and removes the alias where its account may (MANAGE).
+
+An abort belongs to one rollout, named by the `rollout.started_at` tag `registry_cli` writes:
+rolling the same version out again (a new start) begins with no abort and fresh counts.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ log = logging.getLogger("serving")
 
 MODE_TAG = "rollout.mode"
 PERCENT_TAG = "rollout.percent"
+STARTED_TAG = "rollout.started_at"
 MODES = ("canary", "shadow")
 ENDED = "ended"  # registry_cli abort/promote end a rollout with this mode, alias removed or not
 # Samples kept per version, whatever the window: bounds memory and the cost of a p99.
@@ -177,7 +181,8 @@ class Rollout:
         self._windows: dict[str, Window] = {}
         self.counters: dict[str, VersionCounters] = {}
         self.shadow_counters: dict[str, ShadowCounters] = {}
-        self.aborted: dict[str, dict[str, str]] = {}  # challenger cache key -> version, reason, at
+        self.aborted: dict[str, dict[str, str]] = {}  # rollout key -> version, reason, at
+        self._started: dict[str, str] = {}  # challenger version -> the start of its rollout, as last read
         self.aborts = 0
         self._markers_checked = 0.0
         self._plan_problem: str | None = None
@@ -217,6 +222,7 @@ class Rollout:
         try:
             mode, percent = plan_from_tags(self.watcher.alias_tags)
         except ValueError as e:
+
             problem = f"version {challenger.ref.version} is not rolled out: {e}"
             if problem != self._plan_problem:
                 log.warning("%s@%s %s", self.settings.model_name, self.settings.challenger_alias, problem)
@@ -272,6 +278,25 @@ class Rollout:
 
     # -- counts and the automatic abort --------------------------------------------------
 
+    def _note_start(self, version: str, started: str) -> None:
+        """A rollout of this version that started anew is judged afresh: the counts of its
+        earlier rollout (an aborted one, say) leave the window."""
+        with self._lock:
+            if self._started.get(version) == started:
+                return
+            known = version in self._started
+            self._started[version] = started
+            if known:
+                self._windows.pop(version, None)
+
+    def _rollout_key(self, challenger: LoadedModel) -> str:
+        """What an abort is kept under: the version's files and the start of its rollout."""
+        if self.watcher.alias_version == challenger.ref.version:  # else the tags are another version's
+            self._note_start(challenger.ref.version, self.watcher.alias_tags.get(STARTED_TAG, ""))
+        with self._lock:
+            started = self._started.get(challenger.ref.version, "")
+        return f"{challenger.ref.cache_key}-{started}" if started else challenger.ref.cache_key
+
     def record(self, model: LoadedModel, failed: bool, latency: float) -> None:
         version = model.ref.version
         now = time.monotonic()
@@ -316,7 +341,7 @@ class Rollout:
     def abort(self, challenger: LoadedModel, reason: str) -> None:
         """Stop routing to this challenger version, here and (through the marker) in the
         other workers; production answers everything again."""
-        key = challenger.ref.cache_key
+        key = self._rollout_key(challenger)
         with self._lock:
             if key in self.aborted:
                 return
@@ -330,8 +355,8 @@ class Rollout:
         self._write_marker(key, self.aborted[key])
 
     def _marker_path(self, key: str) -> str:
-        safe = re.sub(r"[^\w.\-]", "_", f"{self.settings.model_name}@{self.settings.challenger_alias}")
-        return os.path.join(self.settings.cache_dir, f"{safe}.aborted-{key}.json")
+        name = f"{self.settings.model_name}@{self.settings.challenger_alias}.aborted-{key}"
+        return os.path.join(self.settings.cache_dir, re.sub(r"[^\w.\-]", "_", name) + ".json")
 
     def _write_marker(self, key: str, record: dict[str, str]) -> None:
         path = self._marker_path(key)
@@ -344,7 +369,7 @@ class Rollout:
             log.warning("could not tell the other workers about the abort (%s); each judges for itself", e)
 
     def _is_aborted(self, challenger: LoadedModel) -> bool:
-        key = challenger.ref.cache_key
+        key = self._rollout_key(challenger)
         if key in self.aborted:
             return True
         now = time.monotonic()

@@ -16,11 +16,21 @@ from serving import config
 from serving.model_store import ModelStore
 
 
-def roll_out(registry, name, version, mode, percent=None):
+@pytest.fixture
+def make_app(make_app):
+    """The shared fixture's apps, judging rollouts by errors alone unless a test sets the
+    latency ratio: on a busy machine one slow answer would abort a rollout whose routing is
+    what the test is about."""
+    return lambda name, **settings: make_app(name, **{"rollout_max_p99_ratio": 1000.0, **settings})
+
+
+def roll_out(registry, name, version, mode, percent=None, started=None):
     """What `registry_cli canary|shadow` writes, through the test registry's client."""
     registry.client.set_model_version_tag(name, str(version), "rollout.mode", mode)
     if percent is not None:
         registry.client.set_model_version_tag(name, str(version), "rollout.percent", str(percent))
+    if started is not None:
+        registry.client.set_model_version_tag(name, str(version), "rollout.started_at", started)
     registry.point(name, version, alias="challenger")
 
 
@@ -226,7 +236,7 @@ def test_a_slow_canary_is_aborted(registry, make_app):
     name = registry.new_model("good-a", "good-b")
     registry.point(name, 1)
     roll_out(registry, name, 2, "canary", 50)
-    app = make_app(name, rollout_min_requests=5)
+    app = make_app(name, rollout_min_requests=5, rollout_max_p99_ratio=2.0)
     wait_until(serving_both(app, 1, 2), what="both versions served")
     production, challenger = app.watcher.current, app.rollout.watcher.current
     # Latencies as recorded, not measured: the decision is what is tested, not the clock.
@@ -237,6 +247,34 @@ def test_a_slow_canary_is_aborted(registry, make_app):
     app.rollout.record(challenger, False, 0.5)
     st = rollout_status(app)
     assert st["state"] == "aborted" and st["aborted"][0]["reason"].startswith("p99 latency")
+
+
+def test_rolling_an_aborted_version_out_again_judges_it_afresh(registry, make_app):
+    """An abort belongs to one rollout: it outlives a restart, and `registry_cli canary` run
+    again for the same version (a new start) routes to it again with fresh counts."""
+    name = registry.new_model("good-a", "good-b")
+    registry.point(name, 1)
+    roll_out(registry, name, 2, "canary", 50, started="2026-12-01T10:00:00+00:00")
+    app = make_app(name, rollout_min_requests=5)
+    wait_until(serving_both(app, 1, 2), what="both versions served")
+    production, challenger = app.watcher.current, app.rollout.watcher.current
+    for _ in range(5):
+        app.rollout.record(production, False, 0.010)
+        app.rollout.record(challenger, True, 0.010)
+    assert rollout_status(app)["state"] == "aborted"
+    restarted = make_app(name, rollout_min_requests=5)  # the same cache directory
+    wait_until(lambda: rollout_status(restarted)["state"] == "aborted", what="the restart keeps the abort")
+
+    roll_out(registry, name, 2, "canary", 50, started="2026-12-01T11:00:00+00:00")
+    wait_until(lambda: rollout_status(app)["state"] == "active", what="the new rollout routed to")
+    answers = [asyncio.run(post_json(app, ONE_IMAGE_BODY)) for _ in range(60)]
+    assert {a.status for a in answers} == {200} and {a.version for a in answers} == {"1", "2"}
+    # The errors of the aborted rollout are not held against this one.
+    for _ in range(5):
+        app.rollout.record(production, False, 0.010)
+        app.rollout.record(challenger, False, 0.010)
+    st = rollout_status(app)
+    assert st["state"] == "active" and len(st["aborted"]) == 1, st
 
 
 def test_unreadable_rollout_tags_route_nothing(registry, make_app):
