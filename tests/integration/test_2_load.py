@@ -1,5 +1,6 @@
 """One-image requests from 1, 10 and 50 clients at once, a few seconds each, on loopback
-against the stack's own serving port: every answer is a 200 from the served version.
+through the stack's gateway, as clients reach serving: every answer is a 200 from the
+served version.
 The figures are printed, never asserted: performance on a shared CI machine says little;
 `make bench-load` measures it properly (bench/load_bench.py)."""
 
