@@ -53,12 +53,19 @@ def serving_both(app, production, challenger):
                     and rollout_status(app)["state"] == "active")
 
 
-def test_canary_answers_its_share_of_requests(registry, make_app):
-    name = registry.new_model("good-a", "good-b")
+def rolled_out(registry, make_app, mode, percent=None, started=None, kinds=("good-a", "good-b"), **settings):
+    """(name, app): version 1 in production, version 2 rolled out beside it, and a worker
+    serving both."""
+    name = registry.new_model(*kinds)
     registry.point(name, 1)
-    roll_out(registry, name, 2, "canary", 30)
-    app = make_app(name)
+    roll_out(registry, name, 2, mode, percent, started)
+    app = make_app(name, **settings)
     wait_until(serving_both(app, 1, 2), what="both versions served")
+    return name, app
+
+
+def test_canary_answers_its_share_of_requests(registry, make_app):
+    name, app = rolled_out(registry, make_app, "canary", 30)
     assert rollout_status(app)["mode"] == "canary" and rollout_status(app)["percent"] == 30.0
     app.rollout.sampler = random.Random(7)
 
@@ -84,11 +91,7 @@ def test_canary_answers_its_share_of_requests(registry, make_app):
 
 def test_an_ended_rollout_is_dropped_even_where_its_alias_stays(registry, make_app):
     """`registry_cli abort` without the right to remove an alias marks the version ended."""
-    name = registry.new_model("good-a", "good-b")
-    registry.point(name, 1)
-    roll_out(registry, name, 2, "canary", 100)
-    app = make_app(name)
-    wait_until(serving_both(app, 1, 2), what="both versions served")
+    name, app = rolled_out(registry, make_app, "canary", 100)
     assert asyncio.run(post_json(app, ONE_IMAGE_BODY)).version == "2"
     registry.client.set_model_version_tag(name, "2", "rollout.mode", "ended")
     wait_until(lambda: rollout_status(app)["challenger_version"] is None, what="challenger dropped")
@@ -133,11 +136,7 @@ def test_shadow_never_changes_an_answer_and_counts_agreement(registry, make_app)
 
 
 def test_a_full_shadow_queue_drops_instead_of_waiting(registry, make_app):
-    name = registry.new_model("good-a", "good-b")
-    registry.point(name, 1)
-    roll_out(registry, name, 2, "shadow", 100)
-    app = make_app(name, shadow_queue_size=1)
-    wait_until(serving_both(app, 1, 2), what="shadow loaded")
+    _, app = rolled_out(registry, make_app, "shadow", 100, shadow_queue_size=1)
     app.rollout.stop()  # the shadow thread ends: nothing takes from the queue any more
     wait_until(lambda: not app.rollout._shadow_thread.is_alive(), what="shadow thread ended")
     answers = [asyncio.run(post_json(app, ONE_IMAGE_BODY)) for _ in range(5)]
@@ -170,12 +169,9 @@ class BreaksVersion2(ModelStore):
 
 
 def test_a_failing_canary_is_aborted_without_a_failed_request(registry, make_app, tmp_path, serving_log):
-    name = registry.new_model("good-a", "good-a")
-    registry.point(name, 1)
-    roll_out(registry, name, 2, "canary", 50)
     store = BreaksVersion2(str(tmp_path / "cache"), registry.tracking_uri, registry.client, registry.public_key)
-    app = make_app(name, registry_client=registry.client, store=store, rollout_min_requests=10)
-    wait_until(serving_both(app, 1, 2), what="both versions served")
+    name, app = rolled_out(registry, make_app, "canary", 50, kinds=("good-a", "good-a"),
+                           registry_client=registry.client, store=store, rollout_min_requests=10)
 
     async def until_aborted():
         answers = []
@@ -205,12 +201,9 @@ def test_a_failing_canary_is_aborted_without_a_failed_request(registry, make_app
 
 
 def test_a_failing_shadow_is_aborted_and_never_seen(registry, make_app, tmp_path):
-    name = registry.new_model("good-a", "good-a")
-    registry.point(name, 1)
-    roll_out(registry, name, 2, "shadow")
     store = BreaksVersion2(str(tmp_path / "cache"), registry.tracking_uri, registry.client, registry.public_key)
-    app = make_app(name, registry_client=registry.client, store=store, rollout_min_requests=10)
-    wait_until(serving_both(app, 1, 2), what="shadow loaded")
+    _, app = rolled_out(registry, make_app, "shadow", kinds=("good-a", "good-a"),
+                        registry_client=registry.client, store=store, rollout_min_requests=10)
     answers = [asyncio.run(post_json(app, ONE_IMAGE_BODY)) for _ in range(10)]
     assert {(a.status, a.version) for a in answers} == {(200, "1")}
     wait_until(lambda: rollout_status(app)["state"] == "aborted", what="shadow aborted")
@@ -220,11 +213,7 @@ def test_a_failing_shadow_is_aborted_and_never_seen(registry, make_app, tmp_path
 
 
 def test_input_both_versions_refuse_is_not_the_canarys_error(registry, make_app):
-    name = registry.new_model("good-a", "good-b")
-    registry.point(name, 1)
-    roll_out(registry, name, 2, "canary", 100)
-    app = make_app(name)
-    wait_until(serving_both(app, 1, 2), what="both versions served")
+    _, app = rolled_out(registry, make_app, "canary", 100)
     bad = asyncio.run(post_json(app, b'{"inputs": [[[["0.5"]]]]}'))
     assert bad.status == 400 and "wrong type" in bad.json()["message"]
     assert bad.version == "1"  # production's answer, as the challenger's was no better
@@ -233,11 +222,7 @@ def test_input_both_versions_refuse_is_not_the_canarys_error(registry, make_app)
 
 
 def test_a_slow_canary_is_aborted(registry, make_app):
-    name = registry.new_model("good-a", "good-b")
-    registry.point(name, 1)
-    roll_out(registry, name, 2, "canary", 50)
-    app = make_app(name, rollout_min_requests=5, rollout_max_p99_ratio=2.0)
-    wait_until(serving_both(app, 1, 2), what="both versions served")
+    _, app = rolled_out(registry, make_app, "canary", 50, rollout_min_requests=5, rollout_max_p99_ratio=2.0)
     production, challenger = app.watcher.current, app.rollout.watcher.current
     # Latencies as recorded, not measured: the decision is what is tested, not the clock.
     for _ in range(5):
@@ -252,11 +237,8 @@ def test_a_slow_canary_is_aborted(registry, make_app):
 def test_rolling_an_aborted_version_out_again_judges_it_afresh(registry, make_app):
     """An abort belongs to one rollout: it outlives a restart, and `registry_cli canary` run
     again for the same version (a new start) routes to it again with fresh counts."""
-    name = registry.new_model("good-a", "good-b")
-    registry.point(name, 1)
-    roll_out(registry, name, 2, "canary", 50, started="2026-12-01T10:00:00+00:00")
-    app = make_app(name, rollout_min_requests=5)
-    wait_until(serving_both(app, 1, 2), what="both versions served")
+    name, app = rolled_out(registry, make_app, "canary", 50, started="2026-12-01T10:00:00+00:00",
+                           rollout_min_requests=5)
     production, challenger = app.watcher.current, app.rollout.watcher.current
     for _ in range(5):
         app.rollout.record(production, False, 0.010)
