@@ -222,7 +222,6 @@ class Rollout:
         try:
             mode, percent = plan_from_tags(self.watcher.alias_tags)
         except ValueError as e:
-
             problem = f"version {challenger.ref.version} is not rolled out: {e}"
             if problem != self._plan_problem:
                 log.warning("%s@%s %s", self.settings.model_name, self.settings.challenger_alias, problem)
