@@ -27,6 +27,7 @@ rolling the same version out again (a new start) begins with no abort and fresh 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -289,12 +290,16 @@ class Rollout:
                 self._windows.pop(version, None)
 
     def _rollout_key(self, challenger: LoadedModel) -> str:
-        """What an abort is kept under: the version's files and the start of its rollout."""
+        """What an abort is kept under: the version's files and the start of its rollout. The
+        start is a tag anyone with EDIT may write, so it enters the marker's file name only as a
+        short digest: any value makes a valid, bounded name."""
         if self.watcher.alias_version == challenger.ref.version:  # else the tags are another version's
             self._note_start(challenger.ref.version, self.watcher.alias_tags.get(STARTED_TAG, ""))
         with self._lock:
             started = self._started.get(challenger.ref.version, "")
-        return f"{challenger.ref.cache_key}-{started}" if started else challenger.ref.cache_key
+        if not started:
+            return challenger.ref.cache_key
+        return f"{challenger.ref.cache_key}-{hashlib.sha256(started.encode()).hexdigest()[:16]}"
 
     def record(self, model: LoadedModel, failed: bool, latency: float) -> None:
         version = model.ref.version

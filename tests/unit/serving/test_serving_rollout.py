@@ -259,6 +259,21 @@ def test_rolling_an_aborted_version_out_again_judges_it_afresh(registry, make_ap
     assert st["state"] == "active" and len(st["aborted"]) == 1, st
 
 
+def test_any_rollout_start_tag_gives_a_working_abort_marker(registry, make_app, tmp_path):
+    """The start tag is free text an EDIT holder writes; a long or path-like one neither
+    looks aborted nor puts the marker outside the cache directory."""
+    started = "../" * 200 + "x"
+    _, app = rolled_out(registry, make_app, "canary", 50, started=started, rollout_min_requests=5)
+    assert rollout_status(app)["state"] == "active"
+    production, challenger = app.watcher.current, app.rollout.watcher.current
+    for _ in range(5):
+        app.rollout.record(production, False, 0.010)
+        app.rollout.record(challenger, True, 0.010)
+    assert rollout_status(app)["state"] == "aborted"
+    markers = list((tmp_path / "cache").glob("*.aborted-*.json"))
+    assert len(markers) == 1 and len(markers[0].name) < 200, markers
+
+
 def test_unreadable_rollout_tags_route_nothing(registry, make_app):
     name = registry.new_model("good-a", "good-b")
     registry.point(name, 1)
