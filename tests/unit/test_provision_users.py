@@ -1,6 +1,9 @@
 """mlflow-init's accounts and grants (tracking/provision_users.py), against an in-memory stand-in
 for MLflow's auth client and tracking client: who may do what once it has run."""
 
+import base64
+import http.server
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -147,3 +150,52 @@ def test_the_log_account_is_checked_before_anything_is_made(change, line):
     with pytest.raises(ConfigError) as refused:
         load(settings.Accounts, {**ENV, **change})
     assert str(refused.value).startswith(line) and "\n" not in str(refused.value)
+
+
+class TrackingApi(http.server.BaseHTTPRequestHandler):
+    """Answers the experiment list only to the admin's login under the service's host name,
+    and refuses the first `refusals` asks with a 503, as a server still starting does."""
+
+    refusals = 0
+    asked = []
+
+    def do_GET(self):  # noqa: N802 (the handler's API)
+        expected = "Basic " + base64.b64encode(b"admin:admin-pw").decode()
+        type(self).asked.append(self.headers["Host"])
+        if len(self.asked) <= self.refusals or self.headers["Authorization"] != expected:
+            self.send_error(503)
+            return
+        self.send_response(200)
+        self.send_header("Content-Length", "2")
+        self.end_headers()
+        self.wfile.write(b"{}")
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def tracking_api(monkeypatch):
+    monkeypatch.setenv("MLFLOW_ADMIN_USERNAME", "admin")
+    monkeypatch.setenv("MLFLOW_ADMIN_PASSWORD", "admin-pw")
+    monkeypatch.delenv("AUTH_MODE", raising=False)
+    TrackingApi.asked = []
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), TrackingApi)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+def test_provisioning_waits_until_the_server_answers_its_api(tracking_api):
+    TrackingApi.refusals = 3
+    provision_users.wait_for_server(tracking_api, host="mlflow:5000", deadline_s=60)
+    assert TrackingApi.asked == ["mlflow:5000"] * 4
+
+
+def test_a_server_that_never_answers_ends_provisioning_with_one_line(tracking_api):
+    TrackingApi.refusals = 10**6
+    with pytest.raises(SystemExit) as stopped:
+        provision_users.wait_for_server(tracking_api, host="mlflow:5000", deadline_s=1)
+    assert str(stopped.value).startswith(f"the tracking server at {tracking_api} did not answer within 1 s: ")
+    assert "503" in str(stopped.value)
