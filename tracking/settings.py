@@ -150,6 +150,10 @@ class Server(Postgres, Admin):
     auth_cache_seconds: int = Field(30, alias="MLFLOW_AUTH_CACHE_SECONDS", ge=0, le=86400,
                                     json_schema_extra={"unit": " seconds"},
                                     description="how long a checked password is remembered")
+    grant_cache_seconds: float = Field(5, alias="MLFLOW_AUTH_GRANT_CACHE_SECONDS", ge=0, le=300,
+                                       json_schema_extra={"unit": " seconds"},
+                                       description="how long a worker reuses a user's grants; a revoked right "
+                                                   "applies within this in every worker (0: read every call)")
     public_hosts: str = Field("", alias="MLFLOW_PUBLIC_HOSTS",
                               description="comma-separated host names the server answers to besides its own")
     cors_origins: str = Field("", alias="MLFLOW_CORS_ORIGINS", description="comma-separated browser origins")

@@ -38,7 +38,8 @@ def auth_config_text(database_uri: str, cache_seconds: int) -> str:
         # remembering a successful check briefly makes polling clients (serving) cheap.
         # A password changed through the API is seen at once by the worker that took the
         # change and by the others within this many seconds; so is a user's admin flag or
-        # deletion (auth_lookups.py keeps the user row as long). Grants are read every call.
+        # deletion (auth_lookups.py keeps the user row as long). Grants are kept for
+        # MLFLOW_AUTH_GRANT_CACHE_SECONDS.
         f"auth_cache_ttl_seconds = {cache_seconds}\n"
         # MLflow's basic auth behind a guard that answers malformed requests with a 4xx
         # where MLflow's permission checks would fail with a 500 (auth_guard.py).
@@ -114,6 +115,8 @@ def main() -> None:
     # Read by auth_guard: who besides MLflow admins may read /metrics (Prometheus's account).
     os.environ["MLFLOW_METRICS_READERS"] = MONITORING_USERNAME
     os.environ["MLFLOW_MAX_BODY_BYTES"] = str(conf.max_body_bytes)
+    # Read by auth_lookups.py in every worker.
+    os.environ["MLFLOW_AUTH_GRANT_CACHE_SECONDS"] = str(conf.grant_cache_seconds)
     origins = conf.cors_origins
     args = [
         "mlflow", "server",

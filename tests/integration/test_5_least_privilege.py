@@ -93,6 +93,37 @@ def test_a_teammate_without_grants_sees_nothing(stack: Stack, teammate, served_e
     assert listed.status_code == 200 and not listed.json().get("experiments"), listed.text
 
 
+def test_a_grant_and_its_revoke_apply_to_the_next_call_on_every_worker(stack: Stack, teammate,
+                                                                       other_experiment: str):
+    """Each server worker remembers a user's grants for a few seconds
+    (MLFLOW_AUTH_GRANT_CACHE_SECONDS); a change the server takes is seen at once by all of them.
+    Twenty calls, each on a new connection, reach both workers."""
+    def reads() -> set[int]:
+        return {call(stack, teammate, "GET", f"{API}/experiments/get",
+                     params={"experiment_id": other_experiment}).status_code for _ in range(20)}
+
+    assert reads() == {403}  # now every worker remembers that the teammate holds nothing
+    grant = {"username": teammate[0], "resource_type": "experiment", "resource_id": other_experiment}
+    granted = call(stack, "admin", "POST", "/api/3.0/mlflow/users/permissions/grant",
+                   json={**grant, "permission": "READ"})
+    assert granted.status_code == 200, granted.text
+    assert reads() == {200}
+    revoked = call(stack, "admin", "POST", "/api/3.0/mlflow/users/permissions/revoke", json=grant)
+    assert revoked.status_code == 200, revoked.text
+    assert reads() == {403}
+
+
+def test_the_trainer_uses_an_experiment_it_has_just_created(stack: Stack):
+    """The creator's right is granted by the worker that took the create; the next calls may
+    reach the other worker."""
+    created = call(stack, "trainer", "POST", f"{API}/experiments/create", json={"name": f"new-{secrets.token_hex(4)}"})
+    assert created.status_code == 200, created.text
+    experiment_id = created.json()["experiment_id"]
+    answers = [call(stack, "trainer", "POST", f"{API}/runs/create", json={"experiment_id": experiment_id})
+               for _ in range(10)]
+    assert [a.status_code for a in answers] == [200] * 10, [a.text for a in answers if a.status_code != 200]
+
+
 def test_only_the_admin_and_the_trainer_create_experiments_and_models(stack: Stack, teammate):
     for who in (teammate, "serving"):
         for path, body in ((f"{API}/experiments/create", {"name": f"x-{secrets.token_hex(4)}"}),

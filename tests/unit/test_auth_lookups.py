@@ -1,31 +1,61 @@
-"""tracking/auth_lookups.py: the user row and the run's requirement are looked up once and
-remembered; grants, unknown users and missing runs never are; a user change made through
-this worker is seen at once."""
+"""tracking/auth_lookups.py: the user row, the run's requirement and the user's grants are
+looked up once and remembered; unknown users and missing runs never are; a change to users,
+roles or grants made through any worker of the server applies to the next call, and one made
+elsewhere once the remembered entry expires."""
 
 from types import SimpleNamespace
 
 import pytest
 
-from tracking import auth_lookups
+from tracking import auth_changes, auth_lookups
 
 
 class Store:
+    """MLflow's auth store as far as the caches see it."""
+
     def __init__(self) -> None:
         self.asked: list[str] = []
+        self.admins: set[str] = set()
+        self.grants = {(1, "default"): [("experiment", "7", "EDIT")]}
+        self.grant_queries: list[tuple] = []
+        self.during_query = None  # a change another worker makes while a query runs
 
     def get_user(self, username: str) -> SimpleNamespace:
         self.asked.append(username)
         if username == "nobody":
             raise LookupError("no such user")
-        return SimpleNamespace(username=username, is_admin=False)
+        return SimpleNamespace(username=username, is_admin=username in self.admins)
+
+    def update_user(self, username: str, is_admin: bool) -> None:
+        (self.admins.add if is_admin else self.admins.discard)(username)
+
+    def list_grants(self, user_id: int, workspace: str, resource_types: set) -> list:
+        self.grant_queries.append((user_id, workspace, frozenset(resource_types)))
+        found = list(self.grants.get((user_id, workspace), []))
+        if self.during_query:
+            self.during_query()
+        return found
+
+    def delete_experiment_permission(self, experiment_id: str, username: str) -> None:
+        self.grants[(1, "default")] = []
+
+
+def fresh(monkeypatch: pytest.MonkeyPatch, tmp_path, store: Store, user_ttl: int, grant_ttl: int) -> None:
+    monkeypatch.setattr(auth_lookups.auth, "store", store)
+    monkeypatch.setattr(auth_lookups.auth, "auth_config",
+                        auth_lookups.auth.auth_config._replace(auth_cache_ttl_seconds=user_ttl))
+    monkeypatch.setenv("MLFLOW_AUTH_GRANT_CACHE_SECONDS", str(grant_ttl))
+    monkeypatch.setenv("MLFLOW_AUTH_CHANGES_FILE", str(tmp_path / "auth-changes"))
+    for name, value in (("_installed", False), ("_users", None), ("_grants", None), ("_changes_seen", 0),
+                        ("_requirements", auth_lookups.LRUCache(maxsize=10))):
+        monkeypatch.setattr(auth_lookups, name, value)
 
 
 @pytest.fixture
-def installed(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
+def installed(monkeypatch: pytest.MonkeyPatch, tmp_path) -> SimpleNamespace:
     """install() over a fake store and requirement lookup, undone after the test."""
     store = Store()
     resolved: list[str] = []
-    invalidated: list[str] = []
 
     def run_requirement(run_id: str, action: str) -> tuple | None:
         resolved.append(run_id)
@@ -33,16 +63,11 @@ def installed(monkeypatch: pytest.MonkeyPatch) -> SimpleNamespace:
             return None
         return ("experiment", "7"), [("experiment", "7", "read"), ("run", "*", action)]
 
-    monkeypatch.setattr(auth_lookups.auth, "store", store)
+    fresh(monkeypatch, tmp_path, store, user_ttl=30, grant_ttl=5)
     monkeypatch.setattr(auth_lookups.auth, "_run_requirement", run_requirement)
-    monkeypatch.setattr(auth_lookups.auth, "_invalidate_user_auth_cache", invalidated.append)
-    monkeypatch.setattr(auth_lookups.auth, "auth_config",
-                        auth_lookups.auth.auth_config._replace(auth_cache_ttl_seconds=30))
-    monkeypatch.setattr(auth_lookups, "_installed", False)
-    monkeypatch.setattr(auth_lookups, "_requirements", auth_lookups.LRUCache(maxsize=10))
     auth_lookups.install()
     auth_lookups.install()  # a second call changes nothing
-    return SimpleNamespace(store=store, resolved=resolved, invalidated=invalidated)
+    return SimpleNamespace(store=store, resolved=resolved)
 
 
 def test_a_runs_requirement_is_resolved_once(installed: SimpleNamespace) -> None:
@@ -66,14 +91,14 @@ def test_a_missing_run_is_asked_about_every_time(installed: SimpleNamespace) -> 
     assert installed.resolved == ["missing", "missing"]
 
 
-def test_a_user_is_read_once_until_changed_here(installed: SimpleNamespace) -> None:
-    assert auth_lookups.auth.store.get_user("alice").username == "alice"
-    auth_lookups.auth.store.get_user("alice")
+def test_a_user_is_read_once_until_changed(installed: SimpleNamespace) -> None:
+    store = auth_lookups.auth.store
+    assert not store.get_user("alice").is_admin
+    store.get_user("alice")
     assert installed.store.asked == ["alice"]
-    auth_lookups.auth._invalidate_user_auth_cache("alice")  # password, admin flag or deletion
-    auth_lookups.auth.store.get_user("alice")
+    store.update_user("alice", is_admin=True)  # through this worker
+    assert store.get_user("alice").is_admin
     assert installed.store.asked == ["alice", "alice"]
-    assert installed.invalidated == ["alice"]  # MLflow's own credential cache still forgets too
 
 
 def test_an_unknown_user_is_never_remembered(installed: SimpleNamespace) -> None:
@@ -83,14 +108,79 @@ def test_an_unknown_user_is_never_remembered(installed: SimpleNamespace) -> None
     assert installed.store.asked == ["nobody", "nobody"]
 
 
-def test_without_a_credential_cache_users_are_read_every_time(monkeypatch: pytest.MonkeyPatch) -> None:
+def grants_of_user_1(types: set[str] | None = None) -> list:
+    return auth_lookups.auth.store.list_grants(1, "default", types or {"experiment", "run"})
+
+
+def test_grants_are_read_once_while_nothing_changes(installed: SimpleNamespace) -> None:
+    first = grants_of_user_1()
+    first.append(("run", "*", "MANAGE"))  # a caller's list is its own
+    assert grants_of_user_1() == [("experiment", "7", "EDIT")]
+    assert len(installed.store.grant_queries) == 1
+    grants_of_user_1({"registered_model"})  # other types: another query
+    auth_lookups.auth.store.list_grants(2, "default", {"experiment", "run"})  # another user
+    assert len(installed.store.grant_queries) == 3
+
+
+def test_a_grant_revoked_through_this_worker_applies_to_the_next_call(installed: SimpleNamespace) -> None:
+    grants_of_user_1()
+    auth_lookups.auth.store.delete_experiment_permission("7", "alice")
+    assert grants_of_user_1() == []
+
+
+def test_a_change_another_worker_counts_empties_both_caches(installed: SimpleNamespace) -> None:
+    grants_of_user_1()
+    auth_lookups.auth.store.get_user("alice")
+    installed.store.grants[(1, "default")] = []  # the other worker's revoke, in the database
+    auth_changes.mark()  # and counted, as its store wrapper does
+    assert grants_of_user_1() == []
+    auth_lookups.auth.store.get_user("alice")
+    assert installed.store.asked == ["alice", "alice"]
+
+
+def test_a_change_made_elsewhere_applies_once_the_grants_expire(
+        installed: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [0.0]
+    monkeypatch.setattr(auth_lookups, "_grants", auth_lookups.TTLCache(maxsize=10, ttl=5, timer=lambda: clock[0]))
+    grants_of_user_1()
+    installed.store.grants[(1, "default")] = []  # another replica's revoke: nothing counted here
+    clock[0] = 4.9
+    assert grants_of_user_1() == [("experiment", "7", "EDIT")]
+    clock[0] = 5.0
+    assert grants_of_user_1() == []
+
+
+def test_grants_read_while_a_change_is_counted_are_not_kept(installed: SimpleNamespace) -> None:
+    store = installed.store
+    store.during_query = lambda: (setattr(store, "during_query", None),
+                                  auth_lookups.auth.store.delete_experiment_permission("7", "alice"))
+    assert grants_of_user_1() == [("experiment", "7", "EDIT")]  # read before the change landed
+    assert grants_of_user_1() == []
+    assert len(store.grant_queries) == 2
+
+
+def test_with_no_caches_users_and_grants_are_read_every_call(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     store = Store()
-    monkeypatch.setattr(auth_lookups.auth, "store", store)
+    fresh(monkeypatch, tmp_path, store, user_ttl=0, grant_ttl=0)
     monkeypatch.setattr(auth_lookups.auth, "_run_requirement", lambda run_id, action: None)
-    monkeypatch.setattr(auth_lookups.auth, "auth_config",
-                        auth_lookups.auth.auth_config._replace(auth_cache_ttl_seconds=0))
-    monkeypatch.setattr(auth_lookups, "_installed", False)
     auth_lookups.install()
-    store.get_user("alice")
-    store.get_user("alice")
+    for _ in range(2):
+        store.get_user("alice")
+        store.list_grants(1, "default", {"experiment"})
     assert store.asked == ["alice", "alice"]
+    assert len(store.grant_queries) == 2
+
+
+def test_without_a_writable_change_count_nothing_is_remembered(monkeypatch: pytest.MonkeyPatch, tmp_path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    store = Store()
+    fresh(monkeypatch, tmp_path, store, user_ttl=30, grant_ttl=5)
+    monkeypatch.setenv("MLFLOW_AUTH_CHANGES_FILE", str(tmp_path / "no-such-dir" / "auth-changes"))
+    monkeypatch.setattr(auth_lookups.auth, "_run_requirement", lambda run_id, action: None)
+    auth_lookups.install()
+    for _ in range(2):
+        store.get_user("alice")
+        store.list_grants(1, "default", {"experiment"})
+    assert store.asked == ["alice", "alice"]
+    assert len(store.grant_queries) == 2
+    assert "cannot count auth changes" in capsys.readouterr().err
