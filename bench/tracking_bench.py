@@ -9,17 +9,20 @@ at the end), with the stack's own images, which must already exist (`make build`
   ours      the stack's tracking server image started as compose.yaml starts it: basic
             auth, 2 workers, schema upgrade, read-only root; the trainer account created
             by the stack's own provisioning script, and the clients log as that account
+  ours, grants read every call
+            the same with MLFLOW_AUTH_GRANT_CACHE_SECONDS=0, on the same databases: what
+            the grant cache (tracking/auth_lookups.py) buys
   plain     the same image with its entrypoint replaced by `mlflow server --host 0.0.0.0
             --workers 2`: the same number of uvicorn workers as ours, no auth; the backend store URI
             comes through MLFLOW_BACKEND_STORE_URI, which `--backend-store-uri` reads, so
             the password stays off the command line
 
-Both servers get the same CPU limit (docker --cpus) and are published on 127.0.0.1 only.
+All servers get the same CPU limit (docker --cpus) and are published on 127.0.0.1 only.
 `--clients` connections each log to their own run: every request is one
 `runs/log-batch` call carrying 10 metrics at a new step, as MlflowClient.log_batch sends
 it. The servers take turns for `--seconds` each, `--rounds` times; each comparison is the
 median of the per-round ratios with their range. Afterwards the metrics
-stored in each database are counted, so that nothing answered 200 and was lost. The
+stored for each server's runs are counted, so that nothing answered 200 and was lost. The
 artifact store is never touched by log_batch; ours points at an S3 endpoint where nothing
 listens. Results: bench/results/tracking.json and .md.
 """
@@ -42,9 +45,11 @@ from bench.common import fmt, fmt_ratio, log
 MLFLOW_IMAGE = os.environ.get("BENCH_MLFLOW_IMAGE", "mlops/mlflow:dev")
 POSTGRES_IMAGES = ("mlops-local/postgres:17", "postgres:17-bookworm")
 METRICS_PER_REQUEST = 10
-VARIANTS = ("ours", "plain")
+VARIANTS = ("ours", "ours_uncached", "plain")
 WORKERS = 2
-LABELS = {"ours": f"ours (basic auth, {WORKERS} workers)", "plain": f"`mlflow server --workers {WORKERS}` (no auth)"}
+LABELS = {"ours": f"ours (basic auth, {WORKERS} workers)",
+          "ours_uncached": "ours, grants read every call (`MLFLOW_AUTH_GRANT_CACHE_SECONDS=0`)",
+          "plain": f"`mlflow server --workers {WORKERS}` (no auth)"}
 EXPERIMENT = "fashion-mnist"
 
 
@@ -165,10 +170,11 @@ def markdown(report) -> str:
         f"`runs/log-batch` with {METRICS_PER_REQUEST} metrics per call, {s['clients']} concurrent clients "
         f"(keep-alive connections, one run each), {s['seconds']:g} s per phase, {s['rounds']} rounds with the "
         f"servers taking turns; medians over rounds (range in brackets), ratios the median of the per-round "
-        f"ratios. Both servers are the stack's "
+        f"ratios. All three servers are the stack's "
         f"`{s['mlflow_image']}` image limited to `--cpus {s['cpus']:g}`, on one Postgres "
-        f"(`{s['postgres_image']}`, no CPU limit), a database each, published on 127.0.0.1; the load "
-        f"client runs on the host. Stored rows are counted in each database afterwards.", "",
+        f"(`{s['postgres_image']}`, no CPU limit; the two of ours share the stack's databases, plain "
+        f"`mlflow server` has its own), published on 127.0.0.1; the load client runs on the host. The rows "
+        f"stored for each server's runs are counted afterwards.", "",
     ]
     lines += common.markdown_table(
         ["server", "requests/s", "metrics/s", "p50 ms", "p99 ms", "errors", "server CPU ms/request",
@@ -180,7 +186,9 @@ def markdown(report) -> str:
           fmt(a["postgres_cpu_ms_per_request"], ".2f"), f"{a['rows_stored']:,} / {a['rows_expected']:,}"]
          for v, a in ((v, f[v]) for v in VARIANTS)])
     lines += ["", f"Ours reaches {fmt_ratio(f['rps_ratio'])} the requests/s of plain `mlflow server` "
-              f"(p99 {fmt_ratio(f['p99_ratio'])}). {report['explanation']}", "",
+              f"(p99 {fmt_ratio(f['p99_ratio'])}); with grants read on every call, "
+              f"{fmt_ratio(f['uncached_rps_ratio'])}, so the grant cache gives ours "
+              f"{fmt_ratio(f['grant_cache_gain'])} the requests/s it has without it. {report['explanation']}", "",
               f"The machine: load average (1 min) {f['load_1min_range'][0]:.1f} to {f['load_1min_range'][1]:.1f} "
               f"during the phases; other processes took a median {f['median_others_cpu_share']:.0%} (max "
               f"{f['max_others_cpu_share']:.0%}) of all CPUs. {report['verdict']}", ""]
@@ -219,6 +227,10 @@ def figures_of(samples: dict, counts: dict) -> dict:
     # Each round's pair ran back to back: the comparison is the median of those ratios.
     figures["rps_ratio"] = common.per_round_ratios(samples["ours"], samples["plain"], lambda s: s["requests_per_sec"])
     figures["p99_ratio"] = common.per_round_ratios(samples["ours"], samples["plain"], lambda s: s["latency_ms"]["p99"])
+    figures["uncached_rps_ratio"] = common.per_round_ratios(samples["ours_uncached"], samples["plain"],
+                                                            lambda s: s["requests_per_sec"])
+    figures["grant_cache_gain"] = common.per_round_ratios(samples["ours"], samples["ours_uncached"],
+                                                          lambda s: s["requests_per_sec"])
     measured = [s for v in VARIANTS for s in samples[v]]
     loads = [x for s in measured for x in (s["load_before"][0], s["load_after"][0])]
     others = [s["others_cpu_share"] for s in measured]
@@ -286,21 +298,31 @@ def main():
                env=secret_env)
 
         cpus = f"{args.cpus:g}"
-        ours = c.run("ours", "--network-alias", "mlflow", "-p", "127.0.0.1::5000", "--cpus", cpus,
-                     "--memory", "2g", "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
-                     "--security-opt", "no-new-privileges:true",
-                     "-e", "POSTGRES_DB", "-e", "MLFLOW_DB_USER", "-e", "MLFLOW_DB_PASSWORD",
-                     "-e", "S3_BUCKET=mlflow", "-e", "MLFLOW_S3_ENDPOINT_URL=http://127.0.0.1:9",
-                     "-e", "AWS_ACCESS_KEY_ID", "-e", "AWS_SECRET_ACCESS_KEY", "-e", "AWS_DEFAULT_REGION=us-east-1",
-                     "-e", "MLFLOW_ADMIN_USERNAME", "-e", "MLFLOW_ADMIN_PASSWORD",
-                     "-e", "MLFLOW_FLASK_SERVER_SECRET_KEY", "-e", f"MLFLOW_WORKERS={WORKERS}", MLFLOW_IMAGE, env=secret_env)
+
+        def stack_server(name: str, *extra: str) -> str:
+            return c.run(name, *extra, "-p", "127.0.0.1::5000", "--cpus", cpus,
+                         "--memory", "2g", "--read-only", "--tmpfs", "/tmp", "--cap-drop", "ALL",
+                         "--security-opt", "no-new-privileges:true",
+                         "-e", "POSTGRES_DB", "-e", "MLFLOW_DB_USER", "-e", "MLFLOW_DB_PASSWORD",
+                         "-e", "S3_BUCKET=mlflow", "-e", "MLFLOW_S3_ENDPOINT_URL=http://127.0.0.1:9",
+                         "-e", "AWS_ACCESS_KEY_ID", "-e", "AWS_SECRET_ACCESS_KEY", "-e", "AWS_DEFAULT_REGION=us-east-1",
+                         "-e", "MLFLOW_ADMIN_USERNAME", "-e", "MLFLOW_ADMIN_PASSWORD",
+                         "-e", "MLFLOW_FLASK_SERVER_SECRET_KEY", "-e", f"MLFLOW_WORKERS={WORKERS}", MLFLOW_IMAGE,
+                         env=secret_env)
+
+        ours = stack_server("ours", "--network-alias", "mlflow")
+        # Started once ours has made the schema, so the two never migrate it at once.
+        wait_api(published_port(ours), "Basic " + base64.b64encode(
+            f"admin:{secret_env['MLFLOW_ADMIN_PASSWORD']}".encode()).decode(), ours)
+        uncached = stack_server("ours-uncached", "-e", "MLFLOW_AUTH_GRANT_CACHE_SECONDS=0")
         plain = c.run("plain", "-p", "127.0.0.1::5000", "--cpus", cpus, "-e", "MLFLOW_BACKEND_STORE_URI",
                       "--entrypoint", "mlflow", MLFLOW_IMAGE, "server", "--host", "0.0.0.0",
                       "--workers", str(WORKERS), env=secret_env)
-        ports = {"ours": published_port(ours), "plain": published_port(plain)}
+        ports = {"ours": published_port(ours), "ours_uncached": published_port(uncached),
+                 "plain": published_port(plain)}
         admin = "Basic " + base64.b64encode(f"admin:{secret_env['MLFLOW_ADMIN_PASSWORD']}".encode()).decode()
         trainer = "Basic " + base64.b64encode(f"trainer:{secret_env['TRAINER_PASSWORD']}".encode()).decode()
-        wait_api(ports["ours"], admin, ours)
+        wait_api(ports["ours_uncached"], admin, uncached)
         wait_api(ports["plain"], None, plain)
         # The stack's own provisioning: trainer and serving accounts, the experiment, the rights.
         c.names.append(f"{c.prefix}-init")
@@ -313,24 +335,26 @@ def main():
                       env=secret_env, check=False)
         if init.returncode != 0:
             raise RuntimeError(f"provisioning failed: {init.stderr[-2000:]}")
-        log(f"servers up: ours on 127.0.0.1:{ports['ours']}, plain on 127.0.0.1:{ports['plain']}, --cpus {cpus}")
+        log("servers up on 127.0.0.1: " + ", ".join(f"{v} :{ports[v]}" for v in VARIANTS) + f"; --cpus {cpus}")
 
-        auths = {"ours": trainer, "plain": None}
+        auths = {"ours": trainer, "ours_uncached": trainer, "plain": None}
+        ours_experiment = api(ports["ours"], "GET", f"experiments/get-by-name?experiment_name={EXPERIMENT}",
+                              auth=trainer)["experiment"]["experiment_id"]
         experiment_ids = {
-            "ours": api(ports["ours"], "GET", f"experiments/get-by-name?experiment_name={EXPERIMENT}",
-                        auth=trainer)["experiment"]["experiment_id"],
+            "ours": ours_experiment, "ours_uncached": ours_experiment,
             "plain": api(ports["plain"], "POST", "experiments/create", {"name": EXPERIMENT})["experiment_id"],
         }
-        makers = {}
+        makers, run_ids = {}, {}
         for v in VARIANTS:
-            runs = [api(ports[v], "POST", "runs/create",
-                        {"experiment_id": experiment_ids[v], "run_name": f"bench-client-{i}",
-                         "start_time": int(time.time() * 1000)}, auth=auths[v])["run"]["info"]["run_id"]
-                    for i in range(args.clients)]
-            makers[v] = make_requests(ports[v], runs, auths[v])
-        ids = {"ours": container_id(ours), "plain": container_id(plain), "postgres": container_id(pg)}
+            run_ids[v] = [api(ports[v], "POST", "runs/create",
+                              {"experiment_id": experiment_ids[v], "run_name": f"bench-client-{i}",
+                               "start_time": int(time.time() * 1000)}, auth=auths[v])["run"]["info"]["run_id"]
+                          for i in range(args.clients)]
+            makers[v] = make_requests(ports[v], run_ids[v], auths[v])
+        ids = {"ours": container_id(ours), "ours_uncached": container_id(uncached), "plain": container_id(plain),
+               "postgres": container_id(pg)}
 
-        log("warming up both servers")
+        log("warming up the servers")
         for v in VARIANTS:
             result = common.run_async(common.drive("127.0.0.1", ports[v], makers[v], args.clients, 3, timeout_s=60))
             samples.setdefault(f"{v}_warmup", []).append(result.summary())
@@ -349,13 +373,16 @@ def main():
                 log(f"round {r + 1} {v}: {fmt(s['requests_per_sec'], ',.1f')} req/s, p50 {fmt(lat['p50'], '.1f')} ms, "
                     f"p99 {fmt(lat['p99'], '.1f')} ms, {s['failed']} errors; others {window.others_share:.0%} of "
                     f"the CPUs, load {window.load_before[0]:.1f} -> {window.load_after[0]:.1f}")
-        for v, database in (("ours", "mlflow"), ("plain", "mlflow_plain")):
-            counts[v] = int(psql(pg, pg_password, database, "SELECT count(*) FROM metrics").stdout.strip())
+        for v in VARIANTS:
+            database = "mlflow_plain" if v == "plain" else "mlflow"
+            runs = ", ".join(f"'{run}'" for run in run_ids[v])  # ids the servers made: hex only
+            counts[v] = int(psql(pg, pg_password, database,
+                                 f"SELECT count(*) FROM metrics WHERE run_uuid IN ({runs})").stdout.strip())
         password_check_ms = password_check_cost(ours)
         # Only this line of the auth config: the rest holds the database password.
         out = docker("exec", ours, "sh", "-c", "grep -h '^auth_cache_ttl_seconds' /tmp/mlflow-auth-*.ini", check=False)
         auth_cache = out.stdout.strip().partition("=")[2].strip() or "0 (not set)"
-        for v, name in (("ours", ours), ("plain", plain)):
+        for v, name in (("ours", ours), ("ours_uncached", uncached), ("plain", plain)):
             out = docker("logs", "--tail", "15", name, check=False)
             server_logs[v] = (out.stdout + out.stderr)[-2500:]
     finally:
@@ -369,7 +396,9 @@ def main():
         "Ours authenticates and authorises every call (MLflow's basic-auth app): it checks the password "
         "against its stored hash, unless MLflow's credential cache already holds it "
         f"(`auth_cache_ttl_seconds` in the auth config the stack writes: {auth_cache}), then checks the "
-        "caller's right on the run's experiment; plain `mlflow server` does neither.")
+        "caller's right on the run's experiment, from grants each worker keeps for "
+        "MLFLOW_AUTH_GRANT_CACHE_SECONDS (5 by default; forgotten at once when the server takes a change to "
+        "users or grants); plain `mlflow server` does neither.")
     if password_check_ms is not None:
         explanation += (f" One password check costs {password_check_ms:.0f} ms of CPU in this image "
                         "(werkzeug's default scrypt hash).")
@@ -392,6 +421,7 @@ def main():
                            "postgres_image": postgres_image,
                            "ours": f"image entrypoint (start_server.py): --app-name stack-basic-auth, --workers {WORKERS}, "
                                    "clients log as the provisioned trainer account",
+                           "ours_uncached": "the same, MLFLOW_AUTH_GRANT_CACHE_SECONDS=0, same databases",
                            "plain": f"mlflow server --host 0.0.0.0 --workers {WORKERS} "
                                     "(backend store via MLFLOW_BACKEND_STORE_URI)"},
               "figures": figures, "samples": samples, "server_log_tails": server_logs}
