@@ -13,9 +13,14 @@ user's grants. All three are answered here from small per-process caches:
   kept for MLFLOW_AUTH_GRANT_CACHE_SECONDS (start_server.py; 0 turns this off).
 
 Any change to users, roles or grants made through this server is counted (auth_changes.py),
-and every worker forgets every user and grant it remembers when the count moves: a grant, a
-revoke, an admin flag or a deletion applies to the next call, whichever worker takes it.
-Changes made elsewhere (another replica, the database itself) apply once the entries expire.
+and every worker forgets every user, grant and checked password it remembers when the count
+moves: a grant, a revoke, a password, an admin flag or a deletion applies to the next call,
+whichever worker takes it. Changes made elsewhere (another replica, the database itself)
+apply once the entries expire.
+
+MLflow's own cache of checked passwords expires for all of a login's requests at once; each
+then checked the password (tens of milliseconds of CPU) at the same time. Here one checks
+and the others with the same login and password wait for its answer.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ _requirements: LRUCache = LRUCache(maxsize=_MAX_ENTRIES)
 _users: TTLCache | None = None
 _grants: TTLCache | None = None
 _changes_seen = 0  # auth_changes.count() when the caches were last emptied
+_checking: dict[Any, threading.Event] = {}  # credentials whose password check is under way
 _installed = False
 # Store methods that change users, roles or grants (MLflow 3.17's auth store names them so).
 _CHANGES = ("create_", "update_", "delete_", "grant_", "revoke_", "rename_", "set_", "add_", "remove_",
@@ -74,6 +80,12 @@ def install() -> None:
         for name in dir(auth.store):
             if name.startswith(_CHANGES) and callable(getattr(auth.store, name)):
                 setattr(auth.store, name, _counted(getattr(auth.store, name)))
+        if all(hasattr(auth, name) for name in _CREDENTIAL_CACHE) and auth._USER_AUTH_CACHE is not None:
+            auth._authenticate_cached = _one_check_per_credential(auth._authenticate_cached)
+
+
+# MLflow 3.17's credential cache: checked passwords, the key they are kept under, and its lock.
+_CREDENTIAL_CACHE = ("_authenticate_cached", "_auth_cache_key", "_USER_AUTH_CACHE", "_USER_AUTH_CACHE_LOCK")
 
 
 def _counting_changes() -> bool:
@@ -87,16 +99,28 @@ def _counting_changes() -> bool:
     return True
 
 
-def _remembered(cache: TTLCache, key: Any, read: Callable[[], Any]) -> Any:  # noqa: ANN401
-    """cache[key], or read() kept there; emptied first if a change was counted since."""
+def _forget_if_changed() -> int:
+    """Empty every cache if a change was counted since they were last emptied; the count."""
     global _changes_seen
     changes = auth_changes.count()
     with _lock:
-        if changes != _changes_seen:
+        moved = changes != _changes_seen
+        if moved:
             for each in (_users, _grants):
                 if each is not None:
                     each.clear()
             _changes_seen = changes
+    credentials = getattr(auth, "_USER_AUTH_CACHE", None)
+    if moved and credentials is not None:
+        with auth._USER_AUTH_CACHE_LOCK:
+            credentials.clear()
+    return changes
+
+
+def _remembered(cache: TTLCache, key: Any, read: Callable[[], Any]) -> Any:  # noqa: ANN401
+    """cache[key], or read() kept there; emptied first if a change was counted since."""
+    changes = _forget_if_changed()
+    with _lock:
         found = cache.get(key)
     if found is None:
         found = read()  # a failed read (an unknown user) raises, and nothing is kept
@@ -121,6 +145,27 @@ def _cached_list_grants(list_grants: Callable[..., list]) -> Callable[..., list]
         return list(grants)
 
     return cached
+
+
+def _one_check_per_credential(authenticate: Callable[[str, str], Any]) -> Callable[[str, str], Any]:
+    def authenticate_once(username: str, password: str) -> Any:  # noqa: ANN401 - MLflow's User or None
+        _forget_if_changed()
+        key = auth._auth_cache_key(username, password)  # a keyed digest: no password is kept here
+        with _lock:
+            under_way = _checking.get(key)
+            if under_way is None:
+                _checking[key] = threading.Event()
+        if under_way is not None:
+            # Then MLflow's cache answers; after a failed check (or 30 s) this checks itself.
+            under_way.wait(timeout=30)
+            return authenticate(username, password)
+        try:
+            return authenticate(username, password)
+        finally:
+            with _lock:
+                _checking.pop(key).set()
+
+    return authenticate_once
 
 
 def _counted(change: Callable[..., Any]) -> Callable[..., Any]:

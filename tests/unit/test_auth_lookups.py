@@ -3,6 +3,8 @@ looked up once and remembered; unknown users and missing runs never are; a chang
 roles or grants made through any worker of the server applies to the next call, and one made
 elsewhere once the remembered entry expires."""
 
+import threading
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -47,8 +49,36 @@ def fresh(monkeypatch: pytest.MonkeyPatch, tmp_path, store: Store, user_ttl: int
     monkeypatch.setenv("MLFLOW_AUTH_GRANT_CACHE_SECONDS", str(grant_ttl))
     monkeypatch.setenv("MLFLOW_AUTH_CHANGES_FILE", str(tmp_path / "auth-changes"))
     for name, value in (("_installed", False), ("_users", None), ("_grants", None), ("_changes_seen", 0),
-                        ("_requirements", auth_lookups.LRUCache(maxsize=10))):
+                        ("_requirements", auth_lookups.LRUCache(maxsize=10)), ("_checking", {})):
         monkeypatch.setattr(auth_lookups, name, value)
+    passwords = Passwords(store)
+    monkeypatch.setattr(auth_lookups.auth, "_USER_AUTH_CACHE", passwords.cache)
+    monkeypatch.setattr(auth_lookups.auth, "_authenticate_cached", passwords.authenticate)
+    store.passwords = passwords
+
+
+class Passwords:
+    """MLflow's cached password check: a miss checks the hash (counted here, and held at
+    `gate` while a test wants it held), a hit answers from the cache."""
+
+    def __init__(self, store: Store) -> None:
+        self.cache = auth_lookups.TTLCache(maxsize=10, ttl=30)
+        self.checks: list[str] = []
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def authenticate(self, username: str, password: str) -> SimpleNamespace | None:
+        key = auth_lookups.auth._auth_cache_key(username, password)
+        with auth_lookups.auth._USER_AUTH_CACHE_LOCK:
+            if key in self.cache:
+                return self.cache[key]
+            self.checks.append(username)
+        self.gate.wait(timeout=30)
+        if password != "right":
+            return None
+        with auth_lookups.auth._USER_AUTH_CACHE_LOCK:
+            self.cache[key] = user = SimpleNamespace(username=username)
+        return user
 
 
 @pytest.fixture
@@ -184,3 +214,70 @@ def test_without_a_writable_change_count_nothing_is_remembered(monkeypatch: pyte
     assert store.asked == ["alice", "alice"]
     assert len(store.grant_queries) == 2
     assert "cannot count auth changes" in capsys.readouterr().err
+
+
+def wait_for(predicate, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+def signing_in(count: int, password: str, answers: list) -> list[threading.Thread]:
+    def sign_in() -> None:
+        answers.append(auth_lookups.auth._authenticate_cached("alice", password))
+
+    threads = [threading.Thread(target=sign_in) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads
+
+
+def test_requests_with_one_login_check_its_password_once(installed: SimpleNamespace,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    passwords, answers, keyed = installed.store.passwords, [], []
+    key = auth_lookups.auth._auth_cache_key
+    monkeypatch.setattr(auth_lookups.auth, "_auth_cache_key", lambda *a: keyed.append(a) or key(*a))
+    passwords.gate.clear()  # the first check takes its time, as scrypt does
+    threads = signing_in(8, "right", answers)
+    # The first request keys its login twice (here and in MLflow's check), the others once.
+    wait_for(lambda: len(passwords.checks) == 1 and len(keyed) >= 9, "all eight requests to arrive")
+    passwords.gate.set()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert passwords.checks == ["alice"]
+    assert [a.username for a in answers] == ["alice"] * 8
+
+
+def test_a_wrong_password_does_not_wait_for_the_right_ones_check(installed: SimpleNamespace) -> None:
+    passwords, answers = installed.store.passwords, []
+    passwords.gate.clear()
+    held = signing_in(1, "right", answers)
+    wait_for(lambda: len(passwords.checks) == 1, "the first check to start")
+    wrong = signing_in(1, "wrong", answers)
+    wait_for(lambda: len(passwords.checks) == 2, "the wrong password's own check to start")
+    passwords.gate.set()
+    for thread in held + wrong:
+        thread.join(timeout=10)
+    assert sorted(answers, key=bool) == [None, SimpleNamespace(username="alice")]
+
+
+def test_a_failed_check_is_not_an_answer_for_those_waiting(installed: SimpleNamespace) -> None:
+    passwords, answers = installed.store.passwords, []
+    passwords.gate.clear()
+    threads = signing_in(3, "wrong", answers)
+    wait_for(lambda: len(passwords.checks) == 1, "the first check to start")
+    passwords.gate.set()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert answers == [None, None, None]
+
+
+def test_a_change_another_worker_counts_forgets_checked_passwords(installed: SimpleNamespace) -> None:
+    passwords = installed.store.passwords
+    auth_lookups.auth._authenticate_cached("alice", "right")
+    auth_lookups.auth._authenticate_cached("alice", "right")
+    assert passwords.checks == ["alice"]
+    auth_changes.mark()  # e.g. alice's password changed through the other worker
+    auth_lookups.auth._authenticate_cached("alice", "right")
+    assert passwords.checks == ["alice", "alice"]
