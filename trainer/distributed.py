@@ -375,6 +375,22 @@ def join(device: torch.device, world: World, attempt: Attempt) -> None:
                             rank=world.rank, world_size=world.size)
 
 
+def leave_together(code: int) -> None:
+    """Exit with code where every rank exits with it, right after the same collective.
+
+    Tearing the process group down while the other rank still uses it aborts the process
+    (SIGABRT: the launcher then reports a rank "killed by signal 6" instead of the exit
+    code). So the ranks meet once more, and leave without tearing it down.
+    """
+    try:
+        dist.barrier()
+    except RuntimeError:
+        pass  # the other rank has gone already: nothing left to wait for
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main(argv: list[str] | None = None) -> int:
     conf = config.load(argv)
     world, local_rank, attempt = from_environment(os.environ)
@@ -392,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigMismatch as error:
         if local_rank == 0:  # every rank finds the same difference: one line per node is enough
             warn(f"python -m trainer: error: {error}")
-        return job.EXIT_CONFIG
+        leave_together(job.EXIT_CONFIG)
     except checkpoints.CheckpointError as error:
         warn(f"python -m trainer: error: {error}")
         return job.EXIT_CONFIG
