@@ -65,12 +65,14 @@ def fit(state: TrainingState, train_split: data.Split, test_split: data.Split, c
     while progress.epoch < conf.epochs:
         started = time.perf_counter()
         loop.train_epoch(state, train_split, conf, on_log, stop)
+        evaluating = time.perf_counter()
         evaluation = loop.evaluate(state.model, test_split, state.device, world=world)
-        seconds = time.perf_counter() - started
+        evaluated = time.perf_counter()
+        seconds = evaluated - started
         logger.log({"eval_loss": evaluation["loss"], "eval_accuracy": evaluation["accuracy"],
                     "epoch": progress.epoch, "epoch_seconds": seconds}, progress.global_step)
         say(f"epoch {progress.epoch}/{conf.epochs}  eval_loss {evaluation['loss']:.4f}  "
-            f"eval_accuracy {evaluation['accuracy']:.4f}  {seconds:.1f} s")
+            f"eval_accuracy {evaluation['accuracy']:.4f}  {seconds:.1f} s (evaluation {evaluated - evaluating:.2f} s)")
         on_epoch_end(state)
         on_evaluation(progress.epoch, evaluation)
     seconds = time.perf_counter() - fit_started

@@ -115,6 +115,7 @@ def test_trainer_bench_compares_round_by_round_never_the_best_runs():
         "trainer": [_training_run(1800), _training_run(900), _training_run(1870)],
         "untracked": [_training_run(1836), _training_run(918), _training_run(1889)],
         "bound": [_training_run(1900), _training_run(1000), _training_run(2000)],
+        "bound_training": [_training_run(2100), _training_run(1100), _training_run(2200)],
     }
     recipe = {"images_per_sec": 3000.0, "epoch_seconds": [20.0, 21.0], "eval_accuracy": 0.85}
     report = trainer_bench.summarise(samples, recipe, {}, {})
@@ -124,7 +125,7 @@ def test_trainer_bench_compares_round_by_round_never_the_best_runs():
     assert figures["speedup"] == 1.7
     assert figures["images_per_sec"]["trainer"] == {"median": 1800, "range": [900, 1870]}
     assert figures["logging_overhead"] == {"median": 0.02, "range": [0.01, 0.02]}
-    assert report["targets_met"] == {"speedup": True, "efficiency": True, "logging_overhead": True}
+    assert report["targets_met"] == {"efficiency": True, "logging_overhead": True}
 
 
 @pytest.mark.parametrize("name", ["alias_switch", "cold_start", "direct_path", "load", "serving", "tracking"])
