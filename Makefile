@@ -57,6 +57,7 @@ up: build ## Build, start detached, wait until healthy, print the URLs
 	@scripts/replace-serving.sh $(COMPOSE)
 	@$(COMPOSE) up -d --wait --wait-timeout 300 || { $(COMPOSE) ps -a; $(COMPOSE) logs --tail 40; \
 	  echo "make up: a service did not become healthy; its logs are above (make logs SERVICE=<name> for more, make doctor to check this machine)"; exit 1; }
+	@scripts/wait-for-accounts.sh $(COMPOSE)
 	@scripts/print-urls.sh
 
 down: ## Stop the stack; every run, model and artifact is kept

@@ -64,6 +64,9 @@ def stack(images, tmp_path_factory) -> Stack:
     stack.compose("--profile", "train", "build", timeout=3600)
     try:
         stack.compose("up", "-d", "--wait", "--wait-timeout", "300")
+        # As `make up` does: every test may use the accounts mlflow-init makes.
+        subprocess.run([str(ROOT / "scripts/wait-for-accounts.sh"), *stack.compose_command()], check=True,
+                       timeout=330, cwd=ROOT)
         yield stack
     finally:
         if _failed:
