@@ -38,6 +38,11 @@ def test_down_and_up_keep_runs_models_and_artifacts(stack: Stack, trained, admin
 
     stack.compose("--profile", "train", "down")
     stack.compose("up", "-d", "--wait", "--wait-timeout", "300")
+    # `down` stopped Postgres cleanly, not by the engine's SIGKILL after its grace period:
+    # the new container starts from a shut-down database, without crash recovery.
+    started = stack.compose("logs", "--no-color", "postgres").stdout
+    assert "database system was shut down at" in started, started[-2000:]
+    assert "not properly shut down" not in started, started[-2000:]
 
     after = snapshot(admin_client, stack, run_id, tmp_path / "after")
     assert after == before
