@@ -51,7 +51,7 @@ build: env ## Build the stack's images (each once; later builds reuse the cache)
 	@if [[ "$(COMPOSE_FILES)" == *compose.offline.yaml* ]]; then . scripts/dotenv.sh && docker/offline/build-images.sh; fi
 	@$(COMPOSE) --profile train build
 
-up: build ## Build, start detached, wait until healthy, print the URLs
+up: build ## Build, start detached, wait until healthy and the accounts exist, print the URLs
 	@scripts/check-bind-address.sh $(ENV_FILE)
 	@# A serving container whose image or settings changed is replaced beside the old one.
 	@scripts/replace-serving.sh $(COMPOSE)
