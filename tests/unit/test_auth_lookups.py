@@ -189,9 +189,16 @@ def test_grants_read_while_a_change_is_counted_are_not_kept(installed: SimpleNam
     assert len(store.grant_queries) == 2
 
 
-def test_with_no_caches_users_and_grants_are_read_every_call(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+@pytest.mark.parametrize(("user_ttl", "grant_ttl", "count_file", "said"), [
+    (0, 0, "auth-changes", ""),  # both caches off
+    (30, 5, "no-such-dir/auth-changes", "cannot count auth changes"),  # on, but no change count
+])
+def test_users_and_grants_are_read_every_call_when_nothing_may_be_remembered(
+        monkeypatch: pytest.MonkeyPatch, tmp_path, capsys: pytest.CaptureFixture,
+        user_ttl: int, grant_ttl: int, count_file: str, said: str) -> None:
     store = Store()
-    fresh(monkeypatch, tmp_path, store, user_ttl=0, grant_ttl=0)
+    fresh(monkeypatch, tmp_path, store, user_ttl=user_ttl, grant_ttl=grant_ttl)
+    monkeypatch.setenv("MLFLOW_AUTH_CHANGES_FILE", str(tmp_path / count_file))
     monkeypatch.setattr(auth_lookups.auth, "_run_requirement", lambda run_id, action: None)
     auth_lookups.install()
     for _ in range(2):
@@ -199,22 +206,7 @@ def test_with_no_caches_users_and_grants_are_read_every_call(monkeypatch: pytest
         store.list_grants(1, "default", {"experiment"})
     assert store.asked == ["alice", "alice"]
     assert len(store.grant_queries) == 2
-
-
-def test_without_a_writable_change_count_nothing_is_remembered(monkeypatch: pytest.MonkeyPatch, tmp_path,
-                                                                capsys: pytest.CaptureFixture) -> None:
-    store = Store()
-    fresh(monkeypatch, tmp_path, store, user_ttl=30, grant_ttl=5)
-    monkeypatch.setenv("MLFLOW_AUTH_CHANGES_FILE", str(tmp_path / "no-such-dir" / "auth-changes"))
-    monkeypatch.setattr(auth_lookups.auth, "_run_requirement", lambda run_id, action: None)
-    auth_lookups.install()
-    for _ in range(2):
-        store.get_user("alice")
-        store.list_grants(1, "default", {"experiment"})
-    assert store.asked == ["alice", "alice"]
-    assert len(store.grant_queries) == 2
-    assert "cannot count auth changes" in capsys.readouterr().err
-
+    assert said in capsys.readouterr().err
 
 def wait_for(predicate, what: str, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
