@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from serving import config, metrics, prediction_log, scoring
+from serving import open_inference as oip
 from serving.model_store import LoadedModel
 from serving.rollout import Rollout
 from serving.scoring import Reply, error_reply
@@ -66,7 +67,7 @@ BODY_IDLE_SECONDS = 10.0
 # long: gunicorn replaces a worker that is silent for 60 s, and it is silent until then.
 FIRST_LOOK_SECONDS = 45.0
 
-_JSON_HEADERS = [(b"content-type", b"application/json")]
+ErrorReply = Callable[[int, str], Reply]
 
 
 class _ClientGone(Exception):
@@ -114,16 +115,17 @@ class _Batcher:
 
     def __init__(self, max_rows: int) -> None:
         self.max_rows = max_rows
-        self._pending: list[tuple[LoadedModel, np.ndarray, asyncio.Future]] = []
+        self._pending: list[tuple[LoadedModel, np.ndarray, scoring.Encoder, asyncio.Future]] = []
         self.requests = 0  # requests scored in a batch of two or more
         self.predict_calls = 0  # predict calls those batches took
 
-    def submit(self, model: LoadedModel, data: np.ndarray) -> asyncio.Future:
+    def submit(self, model: LoadedModel, data: np.ndarray,
+               encode: scoring.Encoder = scoring.mlflow_reply) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         if not self._pending:
             loop.call_soon(self._flush)
-        self._pending.append((model, data, future))
+        self._pending.append((model, data, encode, future))
         return future
 
     def _flush(self) -> None:
@@ -143,11 +145,11 @@ class _Batcher:
                 self.requests += len(batch)
                 self.predict_calls += 1
             try:
-                replies = scoring.predict_batch(model, [data for _, data, _ in batch])
+                replies = scoring.predict_batch(model, [item[1] for item in batch], [item[2] for item in batch])
             except Exception:  # a future left unresolved would hang its request for good
                 log.exception("scoring a batch failed")
                 replies = [error_reply(500, "Internal error while scoring")] * len(batch)
-            for (_, _, future), reply in zip(batch, replies, strict=True):
+            for (*_, future), reply in zip(batch, replies, strict=True):
                 if not future.cancelled():
                     future.set_result(reply)
 
@@ -218,6 +220,8 @@ class ServingApp:
         if path == "/invocations" and method == "POST":
             return await metrics.measure_invocation(
                 lambda receive, send: self._invocations(model, scope, receive, send), receive, send)
+        if path == "/v2" or path.startswith("/v2/"):
+            return await self._open_inference(model, scope, receive, send)
         if method in ("GET", "HEAD"):
             if path == "/metrics":
                 return await metrics.send_metrics(self.settings.metrics_token, _header(scope, b"authorization"),
@@ -258,17 +262,7 @@ class ServingApp:
         if body is None:
             return
         if model is None:
-            reply = Reply(
-                503,
-                json.dumps(
-                    {
-                        "error_code": "TEMPORARILY_UNAVAILABLE",
-                        "message": f"No model is served yet: {self.watcher.waiting_for}",
-                    }
-                ).encode(),
-            )
-            retry = str(max(1, round(self.settings.poll_seconds))).encode()
-            return await self._send(send, reply, None, [(b"retry-after", retry)])
+            return await self._not_served_yet(send, error_reply)
 
         async def answer(chosen: LoadedModel, out: Send) -> None:
             await self._answer(chosen, scope, receive, out, body)
@@ -276,6 +270,11 @@ class ServingApp:
         content_type = _header(scope, b"content-type")
         json_body = content_type is not None and _media_type(content_type)[0] == "application/json"
         await self.rollout.serve(model, answer, send, body, shadowable=json_body)
+
+    async def _not_served_yet(self, send: Send, errors: ErrorReply) -> None:
+        retry = str(max(1, round(self.settings.poll_seconds))).encode()
+        await self._send(send, errors(503, f"No model is served yet: {self.watcher.waiting_for}"), None,
+                         [(b"retry-after", retry)])
 
     async def _answer(self, model: LoadedModel, scope: Scope, receive: Receive, send: Send, body: bytes) -> None:
         """Score the body with model (the production or the challenger version) and answer."""
@@ -322,15 +321,15 @@ class ServingApp:
                 return await self._send(send, reply, model)
         await self._forward(model, scope, receive, send, body)
 
-    async def _read_body(self, scope: Scope, receive: Receive, send: Send,
-                         model: LoadedModel | None) -> bytes | None:
-        """The whole body, or None after answering 413/400 itself. Never holds more than
-        the limit in memory."""
+    async def _read_body(self, scope: Scope, receive: Receive, send: Send, model: LoadedModel | None,
+                         errors: ErrorReply = error_reply) -> bytes | None:
+        """The whole body, or None after answering 413/408/400 itself (written by `errors`).
+        Never holds more than the limit in memory."""
         limit = self.settings.max_body_bytes
         declared = _header(scope, b"content-length")
         if declared is not None:
             if not declared.strip().isdigit():
-                await self._send(send, error_reply(400, "Content-Length is not a number"), model,
+                await self._send(send, errors(400, "Content-Length is not a number"), model,
                                  [(b"connection", b"close")])
                 return None
             if int(declared) > limit:
@@ -338,7 +337,7 @@ class ServingApp:
                 # sent nothing; others are already sending, so let a bounded amount drain.
                 if _header(scope, b"expect") != b"100-continue" and int(declared) <= DRAIN_BYTES:
                     await self._discard(receive, int(declared))
-                await self._too_large(send, model, f"Content-Length {int(declared)}")
+                await self._too_large(send, model, f"Content-Length {int(declared)}", errors)
                 return None
         chunks = []
         size = 0
@@ -359,7 +358,7 @@ class ServingApp:
         except TimeoutError:
             await self._send(
                 send,
-                error_reply(408, f"The request body stopped arriving: nothing for {self.body_idle_seconds:g} s "
+                errors(408, f"The request body stopped arriving: nothing for {self.body_idle_seconds:g} s "
                             f"after {size} bytes. Send the whole body (as long as Content-Length says) "
                             "without pausing."),
                 model,
@@ -370,7 +369,7 @@ class ServingApp:
             chunks.clear()
             if more:
                 await self._discard(receive, DRAIN_BYTES - size)
-            await self._too_large(send, model, f"more than {limit} bytes")
+            await self._too_large(send, model, f"more than {limit} bytes", errors)
             return None
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
@@ -387,15 +386,102 @@ class ServingApp:
         except TimeoutError:
             pass
 
-    async def _too_large(self, send: Send, model: LoadedModel | None, what: str) -> None:
+    async def _too_large(self, send: Send, model: LoadedModel | None, what: str, errors: ErrorReply) -> None:
         limit = self.settings.max_body_bytes
         await self._send(
             send,
-            error_reply(413, f"Request body too large ({what}); the limit is {limit} bytes "
+            errors(413, f"Request body too large ({what}); the limit is {limit} bytes "
                         "(SERVING_MAX_BODY_BYTES). Send fewer images per request."),
             model,
             [(b"connection", b"close")],
         )
+
+    # -- the Open Inference Protocol (/v2) -----------------------------------------------------
+
+    async def _open_inference(self, model: LoadedModel | None, scope: Scope, receive: Receive, send: Send) -> None:
+        """The protocol's routes (serving/open_inference.py); every error is `{"error": ...}`."""
+        parts = scope["path"].rstrip("/").split("/")[2:]
+        method = scope["method"]
+        wanted = "POST" if parts[-1:] == ["infer"] else "GET"
+        if method != wanted and not (wanted == "GET" and method == "HEAD"):
+            return await self._send(send, oip.error_reply(405, f"Use {wanted} for {scope['path']}"), model,
+                                    [(b"allow", wanted.encode())])
+        if parts in ([], ["health", "live"], ["health", "ready"]):
+            if parts == ["health", "ready"] and model is None:
+                return await self._not_served_yet(send, oip.error_reply)
+            document = {"live": True} if parts == ["health", "live"] else {"ready": True}
+            if not parts:
+                from mlflow.version import VERSION
+
+                document = oip.server_metadata(VERSION)
+            return await self._send(send, Reply(200, json.dumps(document).encode()), model)
+        route = oip.model_route(parts, self.settings.model_name)
+        if isinstance(route, Reply):
+            return await self._send(send, route, model)
+        action, version = route
+        chosen = self._served_version(model, version) if model is not None else None
+        if action != "infer":
+            if chosen is None:
+                return await self._not_served(send, model, version)
+            if action == "ready":
+                return await self._send(send, Reply(200, b'{"ready": true}'), chosen)
+            document = oip.model_metadata(chosen.ref.name, [chosen.ref.version], chosen.input_spec,
+                                          chosen.pyfunc.metadata.get_output_schema())
+            return await self._send(send, Reply(200, json.dumps(document).encode()), chosen)
+
+        async def infer(receive: Receive, send: Send) -> None:
+            # The body is read before any refusal, so that the connection stays usable.
+            body = await self._read_body(scope, receive, send, chosen or model, oip.error_reply)
+            if body is None:
+                return
+            if chosen is None:
+                return await self._not_served(send, model, version)
+
+            async def answer(scored: LoadedModel, out: Send) -> None:
+                await self._infer(scored, scope, out, body)
+
+            if version is not None:
+                return await answer(chosen, send)  # the client chose the version: no canary draw
+            await self.rollout.serve(chosen, answer, send, body, shadowable=False)
+
+        await metrics.measure_invocation(infer, receive, send)
+
+    async def _not_served(self, send: Send, model: LoadedModel | None, version: str | None) -> None:
+        if model is None:
+            return await self._not_served_yet(send, oip.error_reply)
+        await self._send(send, oip.error_reply(404, f"Version {version} of {self.settings.model_name!r} is not "
+                                               f"served here; version {model.ref.version} is"), model)
+
+    def _served_version(self, production: LoadedModel, version: str | None) -> LoadedModel | None:
+        """The model of `version` if this worker has it loaded (production or challenger)."""
+        if version is None or version == production.ref.version:
+            return production
+        challenger = self.rollout.watcher.current
+        return challenger if challenger is not None and challenger.ref.version == version else None
+
+    async def _infer(self, model: LoadedModel, scope: Scope, send: Send, body: bytes) -> None:
+        started = time.perf_counter()
+        coding = _header(scope, b"content-encoding")
+        if coding is not None and not _identity_only(coding):
+            return await self._send(send, oip.error_reply(415, f"Content-Encoding {coding.decode('latin-1')!r} is "
+                                                          "not supported; send the body uncompressed"),
+                                    model, [(b"accept-encoding", b"identity")])
+        header_length = _header(scope, oip.HEADER_LENGTH)
+        if len(body) <= INLINE_MAX_BYTES:
+            read = _read_infer(model, body, header_length)
+            if isinstance(read, Reply):
+                reply, data = read, None
+            else:
+                data, encode = read
+                if self._batcher is not None and model.batchable:
+                    reply = oip.from_scoring(await self._batcher.submit(model, data, encode))
+                else:
+                    reply = oip.from_scoring(scoring.predict_reply(model, data, encode))
+        else:
+            loop = asyncio.get_running_loop()
+            reply, data = await loop.run_in_executor(self._executor, _score_infer, model, body, header_length)
+        self.prediction_log.record(model.ref.version, data, reply, time.perf_counter() - started)
+        await self._send(send, reply, model)
 
     # -- MLflow's scoring app ---------------------------------------------------------------
 
@@ -449,13 +535,33 @@ class ServingApp:
 
     async def _send(self, send: Send, reply: Reply, model: LoadedModel | None, extra: Headers = ()) -> None:
         headers = [
-            *_JSON_HEADERS,
+            (b"content-type", reply.content_type),
             (b"content-length", str(len(reply.body)).encode()),
             *(model.headers if model is not None else self._name_header),
+            *reply.headers,
             *extra,
         ]
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
         await send({"type": "http.response.body", "body": reply.body})
+
+
+def _read_infer(model: LoadedModel, body: bytes,
+                header_length: bytes | None) -> Reply | tuple[np.ndarray, scoring.Encoder]:
+    """An inference request's tensor and how to write its answer, or the 400 saying why not."""
+    try:
+        request = oip.read_request(model.input_spec, body, header_length)
+    except oip.BadRequest as e:
+        return oip.error_reply(400, str(e))
+    metrics.request_rows(request.array)
+    return request.array, oip.encoder(model.ref.name, model.ref.version, request)
+
+
+def _score_infer(model: LoadedModel, body: bytes, header_length: bytes | None) -> tuple[Reply, np.ndarray | None]:
+    """Read and score a large inference request (on the scoring thread)."""
+    read = _read_infer(model, body, header_length)
+    if isinstance(read, Reply):
+        return read, None
+    return oip.from_scoring(scoring.predict_reply(model, *read)), read[0]
 
 
 def create_app() -> ServingApp:

@@ -56,7 +56,7 @@ class Entry:
     at: float  # seconds since the epoch, UTC
     version: str
     inputs: np.ndarray | bytes  # the parsed tensor, or the raw JSON body
-    predictions: bytes  # the answer's body
+    predictions: np.ndarray | bytes  # the predictions, or the answer's JSON body
     latency_s: float
     rows: int
 
@@ -75,9 +75,11 @@ def _input_rows(inputs: np.ndarray | bytes) -> np.ndarray | None:
     return array.reshape(len(array), -1) if array.ndim >= 2 else array.reshape(1, -1)
 
 
-def _prediction_rows(body: bytes, rows: int) -> np.ndarray | None:
+def _prediction_rows(predictions: np.ndarray | bytes, rows: int) -> np.ndarray | None:
     try:
-        values = np.asarray(orjson.loads(body)["predictions"], dtype=np.float32)
+        if isinstance(predictions, bytes):
+            predictions = orjson.loads(predictions)["predictions"]
+        values = np.asarray(predictions, dtype=np.float32)
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
     return values if values.ndim == 2 and len(values) == rows else None
@@ -153,7 +155,8 @@ class PredictionLog:
                 rows = max(1, len(inputs) // MIN_JSON_BYTES_PER_IMAGE)
             else:
                 return
-            entry = Entry(self._clock(), str(version), inputs, reply.body, latency_s, rows)
+            predictions = reply.predictions if isinstance(reply.predictions, np.ndarray) else reply.body
+            entry = Entry(self._clock(), str(version), inputs, predictions, latency_s, rows)
             with self._lock:
                 self._entries.append(entry)
                 self._buffered += rows

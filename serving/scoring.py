@@ -48,6 +48,13 @@ ERROR_CODES = {
 class Reply(NamedTuple):
     status: int
     body: bytes
+    content_type: bytes = JSON_TYPE
+    headers: tuple[tuple[bytes, bytes], ...] = ()
+    predictions: object = None  # what a 200 answer was written from (the prediction log keeps it)
+
+
+# Writes a model's predictions as the answer's body: MLflow's JSON, or another protocol's.
+Encoder = Callable[[object], Reply]
 
 
 def error_reply(status: int, message: str, error_code: str | None = None) -> Reply:
@@ -76,7 +83,12 @@ def predictions_body(predictions: object) -> bytes:
     return out.getvalue().encode()
 
 
-def predict_reply(model: LoadedModel, data: object) -> Reply:
+def mlflow_reply(predictions: object) -> Reply:
+    """The answer MLflow's scoring server gives: `{"predictions": ...}`."""
+    return Reply(200, predictions_body(predictions), predictions=predictions)
+
+
+def predict_reply(model: LoadedModel, data: object, encode: Encoder = mlflow_reply) -> Reply:
     """Run the pyfunc on parsed input; errors become JSON answers as in MLflow's server."""
     try:
         predictions = model.pyfunc.predict(data)
@@ -92,11 +104,15 @@ def predict_reply(model: LoadedModel, data: object) -> Reply:
             "The model could not score this input; check that it matches the model's "
             f"signature. Error: {type(e).__name__}: {e}",
         )
+    return encoded(model, predictions, encode)
+
+
+def encoded(model: LoadedModel, predictions: object, encode: Encoder) -> Reply:
     try:
-        return Reply(200, predictions_body(predictions))
+        return encode(predictions)
     except Exception:
         _log_unexpected(f"model {model.ref.name} v{model.ref.version} returned unserialisable output")
-        return error_reply(500, "The model's output could not be written as JSON")
+        return error_reply(500, "The model's output could not be written as an answer")
 
 
 def load_json(body: bytes, exact_integers: bool = False) -> object:
@@ -156,10 +172,12 @@ def score_json(model: LoadedModel, body: bytes, direct: bool = True,
     return predict_reply(model, data)
 
 
-def predict_batch(model: LoadedModel, arrays: list[np.ndarray]) -> list[Reply]:
+def predict_batch(model: LoadedModel, arrays: list[np.ndarray], encoders: list[Encoder] | None = None) -> list[Reply]:
     """Answer several requests with one predict call on their rows stacked, as if each
-    had been scored alone. Any doubt (an error, output rows not matching input rows)
-    falls back to scoring them one by one, so one bad request cannot fail the others."""
+    had been scored alone, each answer written by its request's encoder (MLflow's JSON by
+    default). Any doubt (an error, output rows not matching input rows) falls back to
+    scoring them one by one, so one bad request cannot fail the others."""
+    encoders = encoders or [mlflow_reply] * len(arrays)
     if len(arrays) > 1 and model.batchable and all(a.ndim >= 2 and a.shape[1:] == arrays[0].shape[1:] for a in arrays):
         try:
             predictions = model.pyfunc.predict(np.concatenate(arrays))
@@ -169,11 +187,11 @@ def predict_batch(model: LoadedModel, arrays: list[np.ndarray]) -> list[Reply]:
         if isinstance(predictions, np.ndarray) and predictions.ndim >= 1 and len(predictions) == sum(counts):
             replies = []
             start = 0
-            for n in counts:
-                replies.append(Reply(200, predictions_body(predictions[start : start + n])))
+            for n, encode in zip(counts, encoders, strict=True):
+                replies.append(encoded(model, predictions[start : start + n], encode))
                 start += n
             return replies
-    return [predict_reply(model, a) for a in arrays]
+    return [predict_reply(model, a, encode) for a, encode in zip(arrays, encoders, strict=True)]
 
 
 def example_request(model: LoadedModel) -> bytes | None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from refused_models import REFUSED_KINDS  # this folder: pytest puts a conftest's folder on the path
-from serving_helpers import POLL
+from serving_helpers import POLL, wait_until
 from signing_keys import signing_key_pair  # tests/signing_keys.py
 
 import model_signatures
@@ -147,6 +147,21 @@ def registry(tmp_path_factory):
     runs = {kind: client.create_run(experiment).info.run_id for kind in configs}
     return StandInRegistry(uri, client, runs, configs, signing_key_pair(),
                            model_signatures.private_key_from_env(signing_key_pair()), root / "marker")
+
+
+@pytest.fixture(scope="module")
+def served(registry, tmp_path_factory):
+    """One app serving version 1 of a good model, shared by a module's many requests that
+    change nothing (bad input, protocol cases)."""
+    name = registry.new_model("good-a")
+    registry.point(name, 1)
+    settings = config.Settings(tracking_uri=registry.tracking_uri, model_name=name, public_key=registry.public_key,
+                               poll_seconds=POLL, cache_dir=str(tmp_path_factory.mktemp("cache")))
+    app = ServingApp(settings)
+    app.start()
+    wait_until(lambda: app.watcher.status()["version"] == "1", what="version 1 served")
+    yield app
+    app.stop()
 
 
 @pytest.fixture

@@ -129,6 +129,33 @@ def test_requests_are_counted_by_status_and_version(registry, make_app):
     assert moved("serving_requests_total", code="200", version="1") == 2
 
 
+def test_open_inference_requests_are_counted_like_invocations(registry, make_app):
+    import numpy as np
+    import tritonclient.http as triton
+
+    name = registry.new_model("good-a")
+    registry.point(name, 1)
+    served = make_app(name)
+    wait_until(serving_version(served, 1), what="version 1 served")
+
+    tensor = triton.InferInput("inputs", [3, 1, 28, 28], "FP32")
+    tensor.set_data_from_numpy(np.zeros((3, 1, 28, 28), np.float32), binary_data=True)
+    body, length = triton.InferenceServerClient.generate_request_body([tensor])
+    path = f"/v2/models/{served.settings.model_name}/infer"
+    before = samples(served)
+    assert asyncio.run(call(served, "POST", path, body, {"Inference-Header-Content-Length": str(length)})).status == 200
+    assert asyncio.run(call(served, "POST", path, b"{}")).status == 400
+    asyncio.run(call(served, "GET", f"/v2/models/{served.settings.model_name}"))  # metadata is not scoring
+    after = samples(served)
+
+    def moved(name, **labels):
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    assert moved("serving_requests_total", code="200", version="1") == 1
+    assert moved("serving_requests_total", code="400", version="1") == 1
+    assert moved("serving_request_rows_sum") == 3
+
+
 def test_loads_swaps_refusals_and_failures_are_counted(registry, make_app):
     name = registry.new_model("good-a", "unsigned", "broken-load", "good-b")
     registry.point(name, 1)

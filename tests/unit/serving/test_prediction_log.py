@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from fake_tracking import FakeTracking, basic
-from serving_helpers import ONE_IMAGE_BODY, async_wait_until, post_json
+from serving_helpers import ONE_IMAGE_BODY, async_wait_until, call, post_json
 from signing_keys import signing_key_pair
 
 from serving import config, prediction_log
@@ -280,3 +280,31 @@ def test_a_served_request_is_logged_and_answered_while_uploads_fail(app_logging_
     [(_, table)] = recording.tables
     assert table.column("model_version").to_pylist() == ["1"]
     assert table.column("probabilities").to_pylist()[0] == pytest.approx(reply.json()["predictions"][0])
+
+
+def test_a_binary_open_inference_request_is_logged_with_its_images_and_scores(app_logging_all):
+    import tritonclient.http as triton
+
+    app = app_logging_all
+    images = np.random.default_rng(5).random((3, 1, 28, 28), dtype=np.float32)
+    tensor = triton.InferInput("inputs", list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images, binary_data=True)
+    body, length = triton.InferenceServerClient.generate_request_body(
+        [tensor], outputs=[triton.InferRequestedOutput("predictions", binary_data=True)])
+
+    async def scenario():
+        await async_wait_until(lambda: app.watcher.current is not None, what="version 1 served")
+        return await call(app, "POST", f"/v2/models/{app.settings.model_name}/infer", body,
+                          {"Inference-Header-Content-Length": str(length)})
+
+    reply = asyncio.run(scenario())
+    assert reply.status == 200, reply.body
+    scores = triton.InferResult.from_response_body(
+        reply.body, header_length=int(reply.headers["inference-header-content-length"])).as_numpy("predictions")
+    app.prediction_log.uploader = recording = Recording()
+    assert app.prediction_log.flush() == 3
+    [(_, table)] = recording.tables
+    np.testing.assert_array_equal(np.asarray(table.column("inputs").to_pylist(), dtype=np.float32),
+                                  images.reshape(3, -1))
+    np.testing.assert_array_equal(np.asarray(table.column("probabilities").to_pylist(), dtype=np.float32), scores)
+    assert table.column("predicted_class").to_pylist() == scores.argmax(axis=1).tolist()

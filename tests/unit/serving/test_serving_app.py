@@ -12,9 +12,6 @@ import numpy as np
 import pytest
 from serving_helpers import ONE_IMAGE_BODY, POLL, async_wait_until, call, post_json, wait_until
 
-from serving import config
-from serving.app import ServingApp
-
 RETRY_LINE = re.compile(r"not switched to \(attempt (?P<attempt>\d+)\): .*; retrying in (?P<delay>[\d.]+)s")
 
 
@@ -210,25 +207,6 @@ def test_tracking_server_down_keeps_serving(registry, make_app):
     flaky.down = False
     wait_until(lambda: status(app)["last_error"] is None, what="error cleared")
     assert app.watcher.alive
-
-
-@pytest.fixture(scope="module")
-def served(registry, tmp_path_factory):
-    """One app serving a good version, for the many bad-input cases."""
-    name = registry.new_model("good-a")
-    registry.point(name, 1)
-    settings = config.Settings(
-        tracking_uri=registry.tracking_uri,
-        model_name=name,
-        public_key=registry.public_key,
-        poll_seconds=POLL,
-        cache_dir=str(tmp_path_factory.mktemp("cache")),
-    )
-    app = ServingApp(settings)
-    app.start()
-    wait_until(serving_version(app, 1), what="version 1 served")
-    yield app
-    app.stop()
 
 
 def _image(value=0.5, shape=(1, 1, 28, 28)):

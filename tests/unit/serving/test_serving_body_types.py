@@ -5,24 +5,7 @@ import asyncio
 
 import pytest
 from request_bodies import WRONG_TYPES
-from serving_helpers import post_json, wait_until
-
-from serving import config
-from serving.app import ServingApp
-
-
-@pytest.fixture(scope="module")
-def served(registry, tmp_path_factory):
-    name = registry.new_model("good-a")
-    registry.point(name, 1)
-    settings = config.Settings(tracking_uri=registry.tracking_uri, model_name=name,
-                               public_key=registry.public_key, poll_seconds=0.2,
-                               cache_dir=str(tmp_path_factory.mktemp("cache")))
-    app = ServingApp(settings)
-    app.start()
-    wait_until(lambda: app.watcher.status()["version"] == "1", what="version 1 served")
-    yield app
-    app.stop()
+from serving_helpers import post_json
 
 
 @pytest.mark.parametrize("case", WRONG_TYPES, ids=lambda case: case.name)
