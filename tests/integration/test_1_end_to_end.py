@@ -61,3 +61,28 @@ def test_curl_example_from_the_readme_works(stack: Stack, trained):
     response = requests.post(f"{stack.serving_url}/invocations", json=one_image, timeout=30)
     assert response.status_code == 200
     assert len(response.json()["predictions"][0]) == 10
+
+
+def test_tritons_client_gets_the_same_scores_through_the_open_inference_protocol(stack: Stack, trained):
+    import numpy as np
+    import tritonclient.http as triton
+
+    stack.wait_served_version(trained["version"], timeout=120)
+    sample = stack.sample(TEST_IMAGES)
+    images = np.asarray(sample["inputs"], dtype=np.float32)
+    expected = requests.post(f"{stack.serving_url}/invocations", json={"inputs": sample["inputs"]}, timeout=60)
+    client = triton.InferenceServerClient(stack.serving_url.removeprefix("http://"), network_timeout=60)
+    try:
+        name = stack.env["MODEL_NAME"]
+        assert client.is_server_ready()
+        assert client.is_model_ready(name)
+        metadata = client.get_model_metadata(name)
+        assert metadata["versions"] == [trained["version"]]
+        assert metadata["inputs"] == [{"name": "inputs", "datatype": "FP32", "shape": [-1, 1, 28, 28]}]
+        tensor = triton.InferInput("inputs", list(images.shape), "FP32")
+        tensor.set_data_from_numpy(images, binary_data=True)
+        answer = client.infer(name, [tensor], outputs=[triton.InferRequestedOutput("predictions", binary_data=True)])
+    finally:
+        client.close()
+    assert answer.get_response()["model_version"] == trained["version"]
+    np.testing.assert_allclose(answer.as_numpy("predictions"), expected.json()["predictions"], rtol=1e-5, atol=1e-6)
