@@ -9,6 +9,9 @@ Four configurations, all measured in every round:
 
   ours            `python -m serving`, as the serving container starts it, with its
                   defaults (2 gunicorn/uvicorn workers, 1 torch thread each, batching on)
+  ours_oip        the same `ours` server, asked through the Open Inference Protocol with
+                  binary tensors (POST /v2/models/NAME/infer, `binary_data`), the request
+                  format for large batches: raw float32 bytes instead of JSON numbers
   ours_unbatched  the same with SERVING_BATCH_MAX_ROWS=1 (batching off)
   mlflow          `mlflow models serve -m models:/NAME/1 --env-manager local` with its
                   defaults (1 uvicorn worker, torch's default thread count)
@@ -18,7 +21,8 @@ Four configurations, all measured in every round:
                   what scoring costs with no HTTP and no JSON at all
 
 The load client keeps `--concurrency` connections busy (closed loop), sending MLflow's
-`{"inputs": ...}` JSON with 1 image or `--batch-images` images per request. The servers
+`{"inputs": ...}` JSON (the binary request for ours_oip, built by Triton's client library)
+with 1 image or `--batch-images` images per request. The servers
 take turns phase by phase (the order rotates from round to round), because other work on
 the machine comes and goes; each comparison is the median of the per-round ratios (each
 round's phases back to back) with their range, reported with the load average and the
@@ -46,22 +50,27 @@ if TYPE_CHECKING:
     from mlflow.pyfunc import PyFuncModel
 
 TARGETS = {"rps_ratio_1_image": 3.0, "p99_ratio_1_image": 0.5, "p50_over_floor_batch": 1.5}
-VARIANTS = ("ours", "ours_unbatched", "mlflow", "mlflow_2x1")
+VARIANTS = ("ours", "ours_oip", "ours_unbatched", "mlflow", "mlflow_2x1")
 OURS = ("ours", "ours_unbatched")
+# Variants that are another request format sent to a server of another variant.
+SERVER_OF = {"ours_oip": "ours"}
 MLFLOW = ("mlflow", "mlflow_2x1")
 LABELS = {
     "ours": "ours, batching on (defaults: 2 workers, 1 torch thread each)",
+    "ours_oip": "ours, the same server, Open Inference Protocol with binary tensors",
     "ours_unbatched": "ours, batching off (`SERVING_BATCH_MAX_ROWS=1`), 2 workers x 1 thread",
     "mlflow": "`mlflow models serve`, defaults (1 worker, torch's threads)",
     "mlflow_2x1": "`mlflow models serve --workers 2`, 1 torch thread each",
 }
-SHORT = {"ours": "ours", "ours_unbatched": "ours unbatched", "mlflow": "MLflow defaults",
+SHORT = {"ours": "ours", "ours_oip": "ours OIP binary", "ours_unbatched": "ours unbatched", "mlflow": "MLflow defaults",
          "mlflow_2x1": "MLflow 2x1"}
 # (ours variant, the variant it is compared with): every comparison a table shows.
 PAIRS = (("ours", "mlflow"), ("ours", "mlflow_2x1"), ("ours_unbatched", "mlflow"),
-         ("ours_unbatched", "mlflow_2x1"), ("ours", "ours_unbatched"), ("mlflow_2x1", "mlflow"))
+         ("ours_unbatched", "mlflow_2x1"), ("ours", "ours_unbatched"), ("mlflow_2x1", "mlflow"),
+         ("ours_oip", "mlflow"), ("ours_oip", "ours"))
 COMMANDS = {
     "ours": "python -m serving",
+    "ours_oip": "python -m serving; POST /v2/models/NAME/infer with binary_data input and output",
     "ours_unbatched": "SERVING_BATCH_MAX_ROWS=1 python -m serving",
     "mlflow": "mlflow models serve -m models:/NAME/1 --env-manager local",
     "mlflow_2x1": "OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 OPENBLAS_NUM_THREADS=1 mlflow models serve "
@@ -79,6 +88,33 @@ def request_bodies(images: np.ndarray, per_request: int, count: int, port: int) 
         out.append(common.http_request("POST", "/invocations", f"127.0.0.1:{port}", body,
                                        {"Content-Type": "application/json"}))
     return out
+
+
+def oip_requests(images: np.ndarray, per_request: int, count: int, port: int) -> list[bytes]:
+    """The same requests as request_bodies, as Triton's client sends them through the Open
+    Inference Protocol: raw float32 input, binary output."""
+    import tritonclient.http as triton
+
+    out = []
+    for i in range(count):
+        start = (i * per_request) % max(len(images) - per_request + 1, 1)
+        tensor = triton.InferInput("inputs", [per_request, *images.shape[1:]], "FP32")
+        tensor.set_data_from_numpy(images[start:start + per_request], binary_data=True)
+        wanted = triton.InferRequestedOutput("predictions", binary_data=True)
+        body, header_length = triton.InferenceServerClient.generate_request_body([tensor], outputs=[wanted])
+        out.append(common.http_request("POST", f"/v2/models/{common.MODEL_NAME}/infer", f"127.0.0.1:{port}", body,
+                                       {"Inference-Header-Content-Length": header_length}))
+    return out
+
+
+def answered_predictions(headers: dict, body: bytes) -> np.ndarray:
+    import numpy as np
+    import tritonclient.http as triton
+
+    length = headers.get(b"inference-header-content-length")
+    if length is None:
+        return np.asarray(json.loads(body)["predictions"], dtype=np.float32)
+    return triton.InferResult.from_response_body(body, header_length=int(length)).as_numpy("predictions")
 
 
 def floor_latencies(pyfunc: PyFuncModel, images: np.ndarray, per_request: int, calls: int) -> list[float]:
@@ -142,8 +178,9 @@ def markdown(report: dict) -> str:
     lines = [
         *common.heading("Serving benchmark", report),
         f"The trainer's exported SmallCNN (TorchScript in the models-from-code pyfunc). Four servers run "
-        f"locally from the same Python environment, all pinned to CPUs {s['server_cpus']}, and every round "
-        f"measures all four, taking turns phase by phase (the order rotates from round to round); the load "
+        f"locally from the same Python environment, all pinned to CPUs {s['server_cpus']}; ours is asked both "
+        f"with MLflow's JSON and with the Open Inference Protocol's binary tensors. Every round measures all "
+        f"five configurations, taking turns phase by phase (the order rotates from round to round); the load "
         f"client (raw asyncio HTTP/1.1, keep-alive) runs on CPUs {s['client_cpus']}. Closed loop, "
         f"{s['seconds']:g} s per phase at concurrency {s['concurrency']} and {s['single_seconds']:g} s at "
         f"concurrency 1, {s['rounds']} round{'s' if s['rounds'] != 1 else ''}. Figures are medians over rounds (range of requests/s in "
@@ -175,7 +212,9 @@ def markdown(report: dict) -> str:
               "",
               f"`p50 / floor` is the median of the per-round ratios of a server's p50 to the floor's p50 measured "
               f"in the same round. Ours (batching on) is {fmt(f['overhead_ms']['1'], '.2f')} ms over the floor for "
-              f"1 image and {fmt(f['overhead_ms'][big], '.1f')} ms for {big} images (medians); MLflow's defaults "
+              f"1 image and {fmt(f['overhead_ms'][big], '.1f')} ms for {big} images with JSON, "
+              f"{fmt(f['oip_overhead_ms']['1'], '.2f')} ms and {fmt(f['oip_overhead_ms'][big], '.1f')} ms with "
+              f"binary tensors (medians); MLflow's defaults "
               f"{fmt(f['mlflow_overhead_ms']['1'], '.2f')} ms and {fmt(f['mlflow_overhead_ms'][big], '.1f')} ms.", "",
               "## Targets", "",
               *common.markdown_table(["target", "result", ""], [
@@ -183,8 +222,11 @@ def markdown(report: dict) -> str:
                    f"{s['concurrency']})", fmt_ratio(f["ratios"]["1"]["ours/mlflow"]["rps"]), ok("rps_ratio_1_image")],
                   [f"p99 <= {TARGETS['p99_ratio_1_image']:g}x MLflow's defaults (1 image, concurrency "
                    f"{s['concurrency']})", fmt_ratio(f["ratios"]["1"]["ours/mlflow"]["p99"]), ok("p99_ratio_1_image")],
-                  [f"p50 <= {TARGETS['p50_over_floor_batch']:g}x the floor ({big} images, concurrency 1)",
-                   fmt_ratio(f["over_floor"][big]["ours"]), ok("p50_over_floor_batch")]], align="lrl"),
+                  [f"p50 <= {TARGETS['p50_over_floor_batch']:g}x the floor ({big} images, concurrency 1, Open "
+                   "Inference Protocol binary tensors)", fmt_ratio(f["over_floor"][big]["ours_oip"]),
+                   ok("p50_over_floor_batch")],
+                  ["the same with MLflow's JSON (reported)", fmt_ratio(f["over_floor"][big]["ours"]), ""]],
+                  align="lrl"),
               "",
               "## How quiet the machine was", "",
               f"Load average (1 min) during the phases: {f['load_1min_range'][0]:.1f} to {f['load_1min_range'][1]:.1f} "
@@ -209,7 +251,7 @@ def main() -> int:
         log(f"building the served model in {workdir}")
         tracking_uri = common.build_registry(workdir, [common.MODEL_NAME], versions=1)
         model_uri = f"models:/{common.MODEL_NAME}/1"
-        ports = {v: common.free_port() for v in VARIANTS}
+        ports = {v: common.free_port() for v in VARIANTS if v not in SERVER_OF}
         processes["ours"] = common.start_ours(workdir, tracking_uri, common.MODEL_NAME, ports["ours"], server_cpus)
         processes["ours_unbatched"] = common.start_ours(workdir, tracking_uri, common.MODEL_NAME,
                                                         ports["ours_unbatched"], server_cpus,
@@ -225,6 +267,8 @@ def main() -> int:
                                                                   threads=1, log_name="mlflow-serve-2x1.log")
         for v in MLFLOW:
             common.wait_http("127.0.0.1", ports[v], "/ping", lambda status, _: status == 200, 180, processes[v])
+        for variant, server in SERVER_OF.items():
+            ports[variant], processes[variant] = ports[server], processes[server]
         log(f"servers up on CPUs {server_cpus}: " + ", ".join(f"{v} on {ports[v]}" for v in VARIANTS))
 
         import mlflow
@@ -236,14 +280,13 @@ def main() -> int:
         common.pin_self(client_cpus)
         images = common.sample_images(max(4 * args.batch_images, 256), seed=1)
 
-        requests = {v: {1: request_bodies(images, 1, 64, ports[v]),
-                        args.batch_images: request_bodies(images, args.batch_images, 4, ports[v])}
+        requests = {v: {n: (oip_requests if v == "ours_oip" else request_bodies)(images, n, count, ports[v])
+                        for n, count in ((1, 64), (args.batch_images, 4))}
                     for v in VARIANTS}
         # Same answers from every server and from the pyfunc: they serve the same model.
         expected = pyfunc.predict(images[:args.batch_images])
         for v in VARIANTS:
-            answer = common.run_async(_one(ports[v], requests[v][args.batch_images][0]))
-            got = np.asarray(json.loads(answer)["predictions"], dtype=np.float32)
+            got = answered_predictions(*common.run_async(_one(ports[v], requests[v][args.batch_images][0])))
             if not np.allclose(got, expected, atol=1e-5):
                 raise SystemExit(f"{v} answers differently from the in-process model")
 
@@ -268,7 +311,7 @@ def main() -> int:
                         args.single_seconds, args.max_requests))
                 floor[str(n)].append(floor_latencies(pyfunc, images, n, 300 if n == 1 else 20))
     finally:
-        for p in processes.values():
+        for p in {id(p): p for p in processes.values()}.values():  # a server shared by two variants once
             common.stop_process(p)
         logs = {name: (workdir / name).read_text(errors="replace")[-1500:]
                 for name in ("ours.log", "ours-unbatched.log", "mlflow-serve.log", "mlflow-serve-2x1.log")
@@ -295,7 +338,7 @@ def summarise(samples: dict, floor: dict, info: dict) -> dict:
     """The report's figures from every phase's samples: medians over rounds for each server,
     and each comparison as the median of the per-round ratios with their range."""
     figures = {"c10": {}, "c1": {}, "floor": floor, "ratios": {}, "over_floor": {}, "overhead_ms": {},
-               "mlflow_overhead_ms": {}}
+               "oip_overhead_ms": {}, "mlflow_overhead_ms": {}}
     for c in ("c10", "c1"):
         for v in VARIANTS:
             figures[c][v] = {n: aggregate(runs) for n, runs in samples[c][v].items()}
@@ -315,6 +358,7 @@ def summarise(samples: dict, floor: dict, info: dict) -> dict:
                                     for v in VARIANTS}
         floor_p50 = floor[n]["p50_ms"]
         figures["overhead_ms"][n] = figures["c1"]["ours"][n]["p50_ms"] - floor_p50
+        figures["oip_overhead_ms"][n] = figures["c1"]["ours_oip"][n]["p50_ms"] - floor_p50
         figures["mlflow_overhead_ms"][n] = figures["c1"]["mlflow"][n]["p50_ms"] - floor_p50
     every = [s for c in samples.values() for v in c.values() for runs in v.values() for s in runs]
     loads = [x for s in every for x in (s["load_before"][0], s["load_after"][0])]
@@ -326,7 +370,7 @@ def summarise(samples: dict, floor: dict, info: dict) -> dict:
               >= TARGETS["rps_ratio_1_image"],
               "p99_ratio_1_image": figures["ratios"]["1"]["ours/mlflow"]["p99"]["median"]
               <= TARGETS["p99_ratio_1_image"],
-              "p50_over_floor_batch": figures["over_floor"][batch]["ours"]["median"]
+              "p50_over_floor_batch": figures["over_floor"][batch]["ours_oip"]["median"]
               <= TARGETS["p50_over_floor_batch"]}
     quiet = figures["median_others_cpu_share"] < 0.15
     verdict = ("The machine was reasonably quiet; the ratios are meaningful." if quiet else
@@ -337,15 +381,15 @@ def summarise(samples: dict, floor: dict, info: dict) -> dict:
             "verdict": verdict, "figures": figures, "samples": samples}
 
 
-async def _one(port: int, data: bytes) -> bytes:
+async def _one(port: int, data: bytes) -> tuple[dict, bytes]:
     conn = common.HttpConnection("127.0.0.1", port)
     try:
-        status, _, body = await conn.request(data)
+        status, headers, body = await conn.request(data)
     finally:
         conn.close()
     if status != 200:
         raise SystemExit(f"port {port} answered {status}: {body[:300]!r}")
-    return body
+    return headers, body
 
 
 if __name__ == "__main__":
