@@ -228,3 +228,14 @@ def test_unknown_routes_and_methods_get_a_4xx_in_the_protocols_shape(served, met
     response = asyncio.run(call(served, method, path.format(name=served.settings.model_name)))
     assert response.status == status
     assert response.json()["error"]
+
+
+def test_a_batch_over_the_body_limit_gets_413_in_the_protocols_shape(served):
+    over = served.settings.max_body_bytes // (4 * 28 * 28) + 1  # one image more than the limit holds
+    body, headers = triton_request(images(over))
+    response = infer(served, body, headers)
+    assert response.status == 413
+    assert "SERVING_MAX_BODY_BYTES" in response.json()["error"]
+    assert response.headers["connection"] == "close"
+    with pytest.raises(triton.InferenceServerException, match="Send fewer images per request"):
+        triton._utils._raise_if_error(_Read(response))
