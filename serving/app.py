@@ -26,7 +26,7 @@ import numpy as np
 from serving import config, metrics, prediction_log, scoring
 from serving import open_inference as oip
 from serving.model_store import LoadedModel
-from serving.rollout import Rollout
+from serving.rollout import Rollout, ShadowCopy, json_predictions
 from serving.scoring import Reply, error_reply
 from serving.watcher import AliasWatcher
 
@@ -268,8 +268,11 @@ class ServingApp:
             await self._answer(chosen, scope, receive, out, body)
 
         content_type = _header(scope, b"content-type")
-        json_body = content_type is not None and _media_type(content_type)[0] == "application/json"
-        await self.rollout.serve(model, answer, send, body, shadowable=json_body)
+        shadow = None
+        if content_type is not None and _media_type(content_type)[0] == "application/json":
+            direct = self.settings.direct_path
+            shadow = ShadowCopy(lambda challenger: scoring.score_json(challenger, body, direct), json_predictions)
+        await self.rollout.serve(model, answer, send, shadow)
 
     async def _not_served_yet(self, send: Send, errors: ErrorReply) -> None:
         retry = str(max(1, round(self.settings.poll_seconds))).encode()
@@ -442,7 +445,10 @@ class ServingApp:
 
             if version is not None:
                 return await answer(chosen, send)  # the client chose the version: no canary draw
-            await self.rollout.serve(chosen, answer, send, body, shadowable=False)
+            header_length = _header(scope, oip.HEADER_LENGTH)
+            shadow = ShadowCopy(lambda challenger: _score_infer(challenger, body, header_length)[0],
+                                oip.answer_predictions)
+            await self.rollout.serve(chosen, answer, send, shadow)
 
         await metrics.measure_invocation(infer, receive, send)
 
@@ -480,6 +486,7 @@ class ServingApp:
         else:
             loop = asyncio.get_running_loop()
             reply, data = await loop.run_in_executor(self._executor, _score_infer, model, body, header_length)
+        metrics.request_rows(data)
         self.prediction_log.record(model.ref.version, data, reply, time.perf_counter() - started)
         await self._send(send, reply, model)
 
@@ -552,7 +559,6 @@ def _read_infer(model: LoadedModel, body: bytes,
         request = oip.read_request(model.input_spec, body, header_length)
     except oip.BadRequest as e:
         return oip.error_reply(400, str(e))
-    metrics.request_rows(request.array)
     return request.array, oip.encoder(model.ref.name, model.ref.version, request)
 
 

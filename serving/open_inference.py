@@ -254,6 +254,20 @@ def _json_array(data: object, dtype: np.dtype, shape: tuple[int, ...], count: in
         raise BadRequest(f"Input {INPUT_NAME!r} data does not fit {datatype_of(dtype)}: {e}") from None
 
 
+def answer_predictions(body: bytes, headers: dict[bytes, bytes]) -> np.ndarray | None:
+    """The `predictions` tensor of an answer `encoder` wrote, JSON or binary; None for
+    anything else (an error, another shape of document)."""
+    try:
+        header, binary = _split(body, headers.get(HEADER_LENGTH))
+        output = orjson.loads(header)["outputs"][0]
+        dtype, shape = DATATYPES[output["datatype"]], tuple(output["shape"])
+        if "data" in output:
+            return np.asarray(output["data"], dtype=dtype).reshape(shape)
+        return np.frombuffer(binary, dtype=dtype.newbyteorder("<")).reshape(shape)
+    except (BadRequest, orjson.JSONDecodeError, KeyError, IndexError, TypeError, ValueError):
+        return None
+
+
 def encoder(name: str, version: str, request: Infer) -> Callable[[object], Reply]:
     """How the model's predictions for `request` are written: JSON `data`, or raw bytes
     after the JSON header when the client asked for binary output."""

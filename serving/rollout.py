@@ -7,7 +7,8 @@ so every worker reads both with the one registry call its challenger watcher mak
     canary   P% of requests (drawn per request) are answered by the challenger; an answer
              worse than production's (an error where production answers) is replaced by
              production's, so clients never see the challenger fail.
-    shadow   P% of JSON requests (100 by default) are also scored by the challenger on a
+    shadow   P% of tensor requests (100 by default: MLflow's JSON on /invocations, and the
+             Open Inference Protocol on /v2) are also scored by the challenger on a
              background thread, after the client has production's answer; how often both
              predict the same class is counted. A full queue drops the shadow copy.
 
@@ -40,7 +41,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import orjson
@@ -53,6 +54,7 @@ if TYPE_CHECKING:
 
     from serving.config import Settings
     from serving.model_store import LoadedModel, ModelStore
+    from serving.scoring import Reply
 
 log = logging.getLogger("serving")
 
@@ -69,6 +71,16 @@ MARKER_CHECK_SECONDS = 1.0
 Message = dict[str, Any]
 Send = Callable[[Message], Awaitable[None]]
 Answer = Callable[["LoadedModel", Send], Awaitable[None]]
+Headers = dict[bytes, bytes]
+
+
+class ShadowCopy(NamedTuple):
+    """A request the shadow may score again, in the protocol it came in: `score(model)` is
+    that model's answer (None for a body only MLflow's own app reads), and
+    `predictions(body, headers)` reads the predictions back from an answer."""
+
+    score: Callable[[LoadedModel], Reply | None]
+    predictions: Callable[[bytes, Headers], np.ndarray | None]
 
 
 def plan_from_tags(tags: dict[str, str]) -> tuple[str, float]:
@@ -89,13 +101,17 @@ def plan_from_tags(tags: dict[str, str]) -> tuple[str, float]:
     return mode, percent
 
 
-def predicted_classes(body: bytes) -> np.ndarray | None:
-    """The argmax of each row of a {"predictions": [[...], ...]} answer, or None."""
+def json_predictions(body: bytes, headers: Headers | None = None) -> np.ndarray | None:
+    """The predictions of a {"predictions": [[...], ...]} answer, or None."""
     try:
-        predictions = np.asarray(orjson.loads(body)["predictions"], dtype=np.float64)
+        return np.asarray(orjson.loads(body)["predictions"], dtype=np.float64)
     except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
         return None
-    if predictions.ndim < 2 or predictions.shape[-1] == 0:
+
+
+def predicted_classes(predictions: np.ndarray | None) -> np.ndarray | None:
+    """The argmax of each row of the predictions, or None where there are no rows of scores."""
+    if predictions is None or predictions.ndim < 2 or predictions.shape[-1] == 0:
         return None
     return predictions.argmax(axis=-1).reshape(-1)
 
@@ -155,6 +171,11 @@ class _Captured:
             await self._forward(message)
         else:
             self.messages.append(message)
+
+    @property
+    def headers(self) -> Headers:
+        starts = [m for m in self.messages if m["type"] == "http.response.start"]
+        return dict(starts[0].get("headers", [])) if starts else {}
 
     @property
     def body(self) -> bytes:
@@ -231,10 +252,10 @@ class Rollout:
         self._plan_problem = None
         return challenger, mode, percent
 
-    async def serve(self, production: LoadedModel, answer: Answer, send: Send, body: bytes,
-                    shadowable: bool) -> None:
-        """Answer one /invocations request while a challenger may exist. `answer(model, send)`
-        scores the request with a model as the app always does; `shadowable`: a JSON body."""
+    async def serve(self, production: LoadedModel, answer: Answer, send: Send, shadow: ShadowCopy | None) -> None:
+        """Answer one scoring request while a challenger may exist. `answer(model, send)`
+        scores the request with a model as the app always does; `shadow`: how the shadow
+        scores a copy, None for a request it cannot read."""
         picked = self.challenger(production)
         if picked is None:
             return await answer(production, send)
@@ -242,10 +263,10 @@ class Rollout:
         sampled = percent >= 100 or self.sampler.random() * 100 < percent
         if mode == "canary" and sampled:
             return await self._canary(production, challenger, answer, send)
-        if mode == "shadow" and sampled and shadowable:
+        if mode == "shadow" and sampled and shadow is not None:
             reply = await self._timed(production, answer)
             await reply.replay(send)
-            return self._submit_shadow(production, challenger, body, reply)
+            return self._submit_shadow(challenger, shadow, reply)
         await self._timed(production, answer, forward=send)
         return None
 
@@ -399,14 +420,13 @@ class Rollout:
 
     # -- shadow scoring ----------------------------------------------------------------------
 
-    def _submit_shadow(self, production: LoadedModel, challenger: LoadedModel, body: bytes,
-                       reply: _Captured) -> None:
+    def _submit_shadow(self, challenger: LoadedModel, shadow: ShadowCopy, reply: _Captured) -> None:
         counters = self._shadow(challenger)
         if reply.status != 200:
             counters.skipped += 1  # a refused input tells nothing about the challenger
             return
         try:
-            self._shadow_queue.put_nowait((challenger, body, reply.body))
+            self._shadow_queue.put_nowait((challenger, shadow, reply.body, reply.headers))
         except queue.Full:
             with self._lock:
                 counters.dropped += 1
@@ -425,19 +445,18 @@ class Rollout:
             except Exception:
                 log.warning("shadow scoring failed", exc_info=True)
 
-    def _score_shadow(self, challenger: LoadedModel, body: bytes, production_body: bytes) -> None:
-        from serving import scoring
-
+    def _score_shadow(self, challenger: LoadedModel, shadow: ShadowCopy, production_body: bytes,
+                      production_headers: Headers) -> None:
         counters = self._shadow(challenger)
         started = time.perf_counter()
-        reply = scoring.score_json(challenger, body, self.settings.direct_path)
+        reply = shadow.score(challenger)
         elapsed = time.perf_counter() - started
-        expected = predicted_classes(production_body)
+        expected = predicted_classes(shadow.predictions(production_body, production_headers))
         if reply is None or expected is None:
             with self._lock:
                 counters.skipped += 1  # a body only MLflow's app reads: not scored here
             return
-        got = predicted_classes(reply.body) if reply.status == 200 else None
+        got = predicted_classes(shadow.predictions(reply.body, dict(reply.headers))) if reply.status == 200 else None
         agreed = int((got == expected).sum()) if got is not None and got.shape == expected.shape else 0
         with self._lock:
             counters.scored += 1

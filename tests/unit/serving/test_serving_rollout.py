@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 from serving_helpers import ONE_IMAGE_BODY, call, post_json, wait_until
+from triton_requests import infer, result, triton_request
 
 from serving import config
 from serving.model_store import ModelStore
@@ -133,6 +134,31 @@ def test_shadow_never_changes_an_answer_and_counts_agreement(registry, make_app)
     # A body MLflow's own app reads is answered by production and skipped by the shadow.
     frame = b'{"dataframe_split": {"columns": ["x"], "data": [[1.0]]}}'
     assert asyncio.run(post_json(app, frame)).version == "1"
+
+
+@pytest.mark.parametrize(("binary_input", "binary_output"), [(True, True), (False, False)],
+                         ids=["binary-tensors", "json-tensors"])
+def test_shadow_scores_open_inference_requests_like_invocations(registry, make_app, binary_input, binary_output):
+    """/v2 requests are shadowed too: the client gets production's answer, and agreement is
+    counted on their rows, small batches and large ones (read off the event loop) alike."""
+    _, app = rolled_out(registry, make_app, "shadow")
+    production, challenger = app.watcher.current.pyfunc, app.rollout.watcher.current.pyfunc
+    batches = [np.concatenate(images(rows, seed=rows)) for rows in (1, 8, 64)]
+    for batch in batches:
+        response = infer(app, *triton_request(batch, binary_input, binary_output))
+        assert (response.status, response.version) == (200, "1"), response.body
+        np.testing.assert_allclose(result(response).as_numpy("predictions"), production.predict(batch), rtol=1e-5)
+
+    shadow = wait_until(lambda: (s := rollout_status(app)["shadow"].get("2")) and s["scored"] == 3 and s,
+                        what="3 shadow scorings")
+    stacked = np.concatenate(batches)
+    agreed = int((production.predict(stacked).argmax(1) == challenger.predict(stacked).argmax(1)).sum())
+    assert 0 < agreed < len(stacked)  # two different models: the count must tell them apart
+    assert (shadow["compared_rows"], shadow["agreed_rows"], shadow["skipped"]) == (len(stacked), agreed, 0)
+    # A request the protocol refuses is answered 400 by production and tells nothing of the shadow.
+    assert infer(app, b"{inputs").status == 400
+    wait_until(lambda: rollout_status(app)["shadow"]["2"]["skipped"] == 1, what="the refused request skipped")
+    assert rollout_status(app)["versions"]["2"]["errors"] == 0
 
 
 def test_a_full_shadow_queue_drops_instead_of_waiting(registry, make_app):
